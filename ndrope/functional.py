@@ -106,10 +106,10 @@ def mixed_frequencies(
     return torch.cat(columns, dim=-1).to(dtype)
 
 
-def ladder_fraction(sizes: Sequence[int]) -> Tensor:
-    """Per pair, its place ``k / (m - 1)`` in its axis's ladder of m pairs: 0 = fastest, 1 = slowest."""
+def ladder_fraction(sizes: Sequence[int], dtype: torch.dtype = torch.float32) -> Tensor:
+    """Per pair (P,), its place ``k / (m - 1)`` in its axis's ladder of m pairs: 0 = fastest, 1 = slowest."""
     parts = [torch.arange(m, dtype=torch.float64) / max(m - 1, 1) for m in sizes]
-    return torch.cat(parts).to(torch.float32)
+    return torch.cat(parts).to(dtype)
 
 
 def ntk_scaled_frequencies(freqs: Tensor, scale: Sequence[float], fraction: Tensor) -> Tensor:
