@@ -6,6 +6,8 @@ Depends only on torch and einops.
 
 from .functional import (
     LAYOUTS,
+    Layout,
+    Rotation,
     angles,
     apply_rotary,
     axial_frequencies,
@@ -16,7 +18,7 @@ from .functional import (
     rotate_reference,
     split_pairs,
 )
-from .modules import KINDS, RESOLUTION_MODES, RotaryEmbedding
+from .modules import KINDS, RESOLUTION_MODES, Kind, Positions, ResolutionMode, RotaryEmbedding
 from .positions import augment_positions, grid, multimodal_positions
 
 __version__ = "0.1.0"
@@ -25,6 +27,11 @@ __all__ = [
     "LAYOUTS",
     "KINDS",
     "RESOLUTION_MODES",
+    "Kind",
+    "Layout",
+    "Positions",
+    "ResolutionMode",
+    "Rotation",
     "RotaryEmbedding",
     "angles",
     "apply_rotary",

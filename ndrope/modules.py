@@ -47,6 +47,9 @@ class RotaryEmbedding(nn.Module):
     q has more tokens than there are positions, the first ``q.shape[-2] - N`` are left as they are.
     """
 
+    #: How many (grid shape, device, dtype, mode) tables `cos_sin` keeps.
+    CACHE_SIZE = 16
+
     def __init__(
         self,
         dim: int,
@@ -137,39 +140,57 @@ class RotaryEmbedding(nn.Module):
         return rope_f.ntk_scaled_frequencies(self.freqs, scale, self.ladder_fraction)
 
     def angles(self, positions: Positions, *, num_prefix_tokens: int = 0) -> Tensor:
-        """Angles (..., n_prefix + N, P), or (..., H, n_prefix + N, P) for mixed; zero for prefix tokens."""
+        """Angles (..., n_prefix + N, P), or (..., H, n_prefix + N, P) for mixed; zero for prefix tokens.
+
+        ``positions`` is a grid shape (positioned by the resolution mode, NTK included) or explicit
+        (..., N, A) coordinates (used as given: NTK scaling needs a grid shape to compare with
+        ``reference_shape``, so it does not apply to them).
+        """
         check_int("num_prefix_tokens", num_prefix_tokens, minimum=0)
-        if isinstance(positions, Tensor):
+        from_grid = not isinstance(positions, Tensor)
+        if from_grid:
+            grid_shape = self._check_grid("positions (grid shape)", positions)
+            positions = self.grid_positions(grid_shape)
+        else:
             grid_shape = None
             if positions.shape[-1:] != (self.n_axes,):
                 raise ValueError(
                     f"positions shape {tuple(positions.shape)} must end with n_axes={self.n_axes} coordinates"
                 )
-        else:
-            grid_shape = self._check_grid("positions (grid shape)", positions)
-            positions = self.grid_positions(grid_shape)
         if self.augmenting:
-            positions = augment_positions(positions, shift=self.shift, jitter=self.jitter, rescale=self.rescale)
-        theta = rope_f.angles(positions.to(self.freqs.device), self.frequencies(grid_shape))
+            positions = augment_positions(
+                positions, shift=self.shift, jitter=self.jitter, rescale=self.rescale, check_finite_positions=not from_grid
+            )
+            from_grid = True  # augment_positions checked (or grid made) finite positions
+        theta = rope_f.angles(
+            positions.to(self.freqs.device), self.frequencies(grid_shape), check_finite_positions=not from_grid
+        )
         if num_prefix_tokens:
             pad = theta.new_zeros(*theta.shape[:-2], num_prefix_tokens, theta.shape[-1])
             theta = torch.cat((pad, theta), dim=-2)
         return theta
 
     def cos_sin(self, positions: Positions, *, num_prefix_tokens: int = 0) -> tuple[Tensor, Tensor]:
-        """(cos, sin) of `angles`, cached per grid shape and device when nothing in them is learned
-        or random: compute once per forward and pass to every layer."""
+        """(cos, sin) of `angles`: compute once per forward and pass to every layer.
+
+        Fixed (non-learnable) frequencies on a grid shape are cached per shape, prefix, device,
+        dtype and resolution mode, keeping the `CACHE_SIZE` most recently used entries.
+        """
         cacheable = (
             not isinstance(positions, Tensor)
+            and not self.learnable
             and not self.augmenting
-            and not (self.learnable and torch.is_grad_enabled())
             and not torch.compiler.is_compiling()
         )
         if not cacheable:
             return rope_f.cos_sin(self.angles(positions, num_prefix_tokens=num_prefix_tokens))
-        key = (tuple(positions), num_prefix_tokens, self.freqs.device, self.freqs._version, self.resolution_mode)
-        if key not in self._cache:
-            self._cache[key] = rope_f.cos_sin(self.angles(positions, num_prefix_tokens=num_prefix_tokens).detach())
+        key = (tuple(positions), num_prefix_tokens, self.freqs.device, self.freqs.dtype, self.freqs._version, self.resolution_mode)
+        if key in self._cache:
+            self._cache[key] = self._cache.pop(key)  # most recently used goes last
+        else:
+            self._cache[key] = rope_f.cos_sin(self.angles(positions, num_prefix_tokens=num_prefix_tokens))
+            while len(self._cache) > self.CACHE_SIZE:
+                self._cache.pop(next(iter(self._cache)))
         return self._cache[key]
 
     def rotate(self, x: Tensor, rotation: rope_f.Rotation) -> Tensor:

@@ -73,12 +73,38 @@ class TestCaching:
         assert rope.freqs.grad is not None and rope.freqs.grad.abs().sum() > 0
 
     def test_cache_follows_changed_frequencies(self):
-        rope = ndrope.RotaryEmbedding(16, 2, learnable=True)
-        with torch.no_grad():
-            before = rope.cos_sin((2, 2))[0]
-            rope.freqs.mul_(2)
-            after = rope.cos_sin((2, 2))[0]
+        rope = ndrope.RotaryEmbedding(16, 2)
+        before = rope.cos_sin((2, 2))[0]
+        rope.freqs.mul_(2)
+        after = rope.cos_sin((2, 2))[0]
+        torch.testing.assert_close(after, torch.cos(ndrope.angles(ndrope.grid((2, 2)), rope.freqs)), atol=0, rtol=0)
         assert not torch.equal(before, after)
+
+    def test_cache_follows_the_module_dtype(self):
+        rope = ndrope.RotaryEmbedding(16, 2)
+        assert rope.cos_sin((2, 2))[0].dtype == torch.float32
+        rope.double()
+        assert rope.cos_sin((2, 2))[0].dtype == torch.float64
+
+    def test_cache_is_bounded(self):
+        rope = ndrope.RotaryEmbedding(16, 1)
+        for n in range(1, 3 * rope.CACHE_SIZE):
+            rope.cos_sin((n,))
+        assert len(rope._cache) == rope.CACHE_SIZE
+        recent = rope.cos_sin((3 * rope.CACHE_SIZE - 1,))[0]
+        assert rope.cos_sin((3 * rope.CACHE_SIZE - 1,))[0] is recent
+
+    def test_learnable_frequencies_are_never_cached(self):
+        """Every optimizer step changes them; caching would grow without bound and go stale."""
+        rope = ndrope.RotaryEmbedding(16, 2, kind="mixed", num_heads=4)
+        optimizer = torch.optim.SGD(rope.parameters(), lr=0.1)
+        for _ in range(3):
+            with torch.no_grad():
+                rope.cos_sin((4, 4))
+            rope.cos_sin((4, 4))[0].sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        assert len(rope._cache) == 0
 
 
 class TestResolutionModes:

@@ -1,0 +1,100 @@
+"""RopeAttention / RopeBlock: timm-compatible, fused == manual, rotation and bias applied as given."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from timm.layers import Attention
+from timm.models.vision_transformer import Block
+from torch.testing import assert_close
+
+import ndrope
+from vit import ROPE_LAYOUT, RopeAttention, RopeBlock
+
+param = pytest.mark.parametrize
+DIM, HEADS, TOKENS = 48, 3, 17  # D = 16, P = 8
+
+
+def rotation(per_head: bool, tokens: int = TOKENS, prefix: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) for a 4 x 4 grid after ``prefix`` unrotated tokens, shared or per head."""
+    torch.manual_seed(5)
+    kind = dict(kind="mixed", num_heads=HEADS) if per_head else dict(kind="axial", theta=100.0)
+    rope = ndrope.RotaryEmbedding(DIM // HEADS, 2, layout=ROPE_LAYOUT, **kind).double()
+    return rope.cos_sin((4, 4), num_prefix_tokens=prefix)
+
+
+def attention(cls=RopeAttention, **kwargs) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return cls(DIM, num_heads=HEADS, qkv_bias=True, **kwargs).double().eval()
+
+
+def tokens(batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, TOKENS, DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+
+class TestRopeAttention:
+    @param("qk_norm", [False, True])
+    def test_without_positions_it_is_timm_attention(self, qk_norm):
+        """Same parameters and state-dict keys; identical output when given nothing to apply."""
+        ours = attention(qk_norm=qk_norm, norm_layer=torch.nn.LayerNorm)
+        theirs = attention(Attention, qk_norm=qk_norm, norm_layer=torch.nn.LayerNorm)
+        theirs.load_state_dict(ours.state_dict())
+        assert_close(ours(tokens()), theirs(tokens()), atol=1e-12, rtol=1e-12)
+
+    @param("with_bias", [False, True])
+    @param("per_head", [False, True])
+    def test_fused_path_matches_manual_path(self, per_head, with_bias):
+        module = attention()
+        bias = -torch.rand(HEADS, TOKENS, TOKENS, dtype=torch.float64) if with_bias else None
+        rope = rotation(per_head)
+        fused = module(tokens(), rope=rope, attn_mask=bias)
+        module.fused_attn = False
+        manual = module(tokens(), rope=rope, attn_mask=bias)
+        assert_close(fused, manual, atol=1e-10, rtol=1e-10)
+
+    @param("per_head", [False, True])
+    def test_rotation_is_the_ndrope_rotation_of_q_and_k(self, per_head):
+        module = attention()
+        rope = rotation(per_head)
+        q, k, v = module.project_qkv(tokens())
+        q_rot, k_rot, v_same = module.project_qkv(tokens(), rope)
+        assert_close(q_rot, ndrope.apply_rotary(q, rope, layout=ROPE_LAYOUT), atol=0, rtol=0)
+        assert_close(k_rot, ndrope.apply_rotary(k, rope, layout=ROPE_LAYOUT), atol=0, rtol=0)
+        assert_close(v_same, v, atol=0, rtol=0)
+        assert_close(q_rot[:, :, :1], q[:, :, :1], atol=0, rtol=0)  # the prefix token is not rotated
+        assert (q_rot[:, :, 2:] - q[:, :, 2:]).abs().max() > 1e-3
+
+    def test_bias_is_added_to_the_scaled_logits(self):
+        """A -inf bias on every key but one makes each query copy that key's value."""
+        module = attention()
+        bias = torch.full((TOKENS, TOKENS), float("-inf"), dtype=torch.float64)
+        bias[:, 4] = 0.0
+        _, _, v = module.project_qkv(tokens())
+        expected = v[:, :, 4:5].expand(-1, -1, TOKENS, -1).transpose(1, 2).reshape(2, TOKENS, DIM)
+        assert_close(module(tokens(), attn_mask=bias), module.proj(expected), atol=1e-12, rtol=1e-12)
+
+    def test_bias_follows_the_dtype_of_q(self):
+        module = attention().float()
+        bias = -torch.rand(HEADS, TOKENS, TOKENS)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module(tokens().float(), rope=tuple(t.float() for t in rotation(True)), attn_mask=bias)
+        assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+class TestRopeBlock:
+    def test_without_positions_it_is_timm_block(self):
+        torch.manual_seed(0)
+        ours = RopeBlock(DIM, HEADS, qkv_bias=True, attn_layer=RopeAttention).double().eval()
+        theirs = Block(DIM, HEADS, qkv_bias=True).double().eval()
+        theirs.load_state_dict(ours.state_dict())
+        assert_close(ours(tokens()), theirs(tokens()), atol=1e-12, rtol=1e-12)
+
+    def test_passes_rotation_and_bias_to_its_attention(self):
+        torch.manual_seed(0)
+        block = RopeBlock(DIM, HEADS, attn_layer=RopeAttention).double().eval()
+        rope, bias = rotation(True), -torch.rand(HEADS, TOKENS, TOKENS, dtype=torch.float64)
+        x = tokens()
+        attn_out = block.attn(block.norm1(x), rope=rope, attn_mask=bias)
+        expected = x + attn_out
+        expected = expected + block.mlp(block.norm2(expected))
+        assert_close(block(x, rope=rope, attn_mask=bias), expected, atol=1e-12, rtol=1e-12)

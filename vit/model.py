@@ -1,0 +1,437 @@
+"""`NDRopeVisionTransformer`: timm's ViT with one switch for the position encoding, at any input size.
+
+The subclass changes only where positions enter. Per forward it reads the patch grid from the
+patch embedding (``dynamic_img_size``), then
+  * adds an absolute table to the patch tokens (``_pos_embed``: learned, sincos, integer, binary),
+  * computes the RoPE tables (cos, sin) and the ALiBi bias once for that grid (`rotary_tables`,
+    `attention_bias`), and hands them to every block, as timm's Eva does. Attention layers only
+    apply what they are given.
+Blocks, MLPs, heads, pooling, init and checkpoints are timm's, so every `VisionTransformer` keyword
+works and a plain timm ViT state dict loads into ``pos_embed="learned"``.
+
+Shape alphabet: B batch, H heads, N tokens, D channels per head, P = D // 2 pairs, L layers,
+k prefix tokens (class + registers); spatial sizes are ``img_size`` / ``grid_shape`` tuples.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, NamedTuple, Sequence
+
+import torch
+from timm.layers import PatchDropout, PatchDropoutWithIndices
+from timm.models import VisionTransformer
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint
+from torch import Tensor, nn
+
+import ndrope
+from ndrope.functional import Rotation
+from ndrope.modules import ResolutionMode
+
+from .attention import ROPE_LAYOUT, RopeAttention, RopeBlock
+from .patch_embed import PatchEmbedND
+from .pos_embed import BINARY_BITS, AlibiBias, FixedPosEmbed, IntegerNorm, resample_pos_embed
+
+PosEmbed = Literal[
+    "learned",
+    "sincos",
+    "rope_axial",
+    "rope_mixed",
+    "rope_axial+learned",
+    "rope_mixed+learned",
+    "alibi",
+    "integer",
+    "binary",
+    "none",
+]
+
+
+class _Encoding(NamedTuple):
+    absolute: str | None  # "learned", "sincos", "integer", "binary": a table added to the patch tokens
+    rope: str | None  # "axial", "mixed": kind of ndrope.RotaryEmbedding
+    alibi: bool  # a distance bias on the attention logits
+
+
+_ENCODINGS: dict[str, _Encoding] = {
+    "learned": _Encoding("learned", None, False),
+    "sincos": _Encoding("sincos", None, False),
+    "rope_axial": _Encoding(None, "axial", False),
+    "rope_mixed": _Encoding(None, "mixed", False),
+    "rope_axial+learned": _Encoding("learned", "axial", False),
+    "rope_mixed+learned": _Encoding("learned", "mixed", False),
+    "alibi": _Encoding(None, None, True),
+    "integer": _Encoding("integer", None, False),
+    "binary": _Encoding("binary", None, False),
+    "none": _Encoding(None, None, False),
+}
+#: Every accepted ``pos_embed`` value.
+POS_EMBED_CHOICES: tuple[str, ...] = tuple(_ENCODINGS)
+#: ``pos_embed`` of the registered timm models when none is given.
+DEFAULT_POS_EMBED: PosEmbed = "rope_mixed"
+#: RoPE coordinates at a grid other than the training grid, unless ``rope_resolution_mode`` is given:
+#: "extrapolate" (integer patch indices), "interpolate" (rescaled onto the training grid) or "ntk".
+DEFAULT_RESOLUTION_MODE: ResolutionMode = "extrapolate"
+#: RoPE frequency base per kind, as Heo et al. (https://arxiv.org/abs/2403.13298) use for ViTs:
+#: 100 for RoPE-Axial, 10 for the initialisation of the learned RoPE-Mixed frequencies.
+ROPE_THETA: dict[str, float] = {"axial": 100.0, "mixed": 10.0}
+
+
+def _per_axis(name: str, value: Any, ndim: int) -> tuple[int, ...]:
+    """An int (used for every axis) or one positive int per axis, as a tuple."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value,) * ndim
+    if not isinstance(value, (tuple, list)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise TypeError(f"{name}={value!r} must be an int or a tuple of ints, one per axis (ndim={ndim})")
+    if len(value) != ndim or min(value) < 1:
+        raise ValueError(f"{name}={tuple(value)} must have ndim={ndim} positive entries, one per axis")
+    return tuple(value)
+
+
+def _gather_tokens(table: Tensor, index: Tensor, dim: int) -> Tensor:
+    """Per-sample entries of ``table`` (B, ...) along its token axis ``dim`` at index (B, M)."""
+    shape = [index.shape[0] if d == 0 else index.shape[1] if d == dim else 1 for d in range(table.dim())]
+    sizes = [index.shape[1] if d == dim else size for d, size in enumerate(table.shape)]
+    return table.gather(dim, index.view(shape).expand(sizes))
+
+
+class NDRopeVisionTransformer(VisionTransformer):
+    """Vision Transformer over 1D-4D inputs with a selectable position encoding.
+
+    >>> model = NDRopeVisionTransformer("rope_mixed", img_size=32, patch_size=4, embed_dim=192,
+    ...                                 depth=6, num_heads=3, num_classes=10)
+    >>> model(torch.randn(8, 3, 32, 32)).shape, model(torch.randn(8, 3, 48, 48)).shape
+    (torch.Size([8, 10]), torch.Size([8, 10]))
+
+    Input (B, C, *spatial) with ``len(spatial) == ndim``; every spatial size must be a multiple of
+    the patch size (or set ``dynamic_img_pad=True`` to zero-pad). Any grid works, not only the
+    training one: RoPE, ALiBi and the fixed tables are computed for the actual grid, a learned table
+    is interpolated (as timm does with ``dynamic_img_size``).
+
+    Args:
+        pos_embed: one of `POS_EMBED_CHOICES`:
+            ``"learned"`` timm's learned absolute table; ``"sincos"`` fixed sinusoids per axis;
+            ``"rope_axial"`` axis-separated RoPE with fixed frequencies (theta `ROPE_THETA`),
+            shared by all layers and heads; ``"rope_mixed"`` RoPE-Mixed (Heo et al.), learned
+            frequencies per head *and* per layer; ``"rope_*+learned"`` both RoPE and the learned
+            table; ``"alibi"`` per-head bias ``-2^(-8h/H) * distance`` on the logits;
+            ``"integer"`` / ``"binary"`` the flattened patch index as a number / as bits;
+            ``"none"`` no position information (permutation-equivariant over patches).
+        ndim: A, number of spatial axes: 2 images (B, C, h, w), 3 video (B, C, t, h, w),
+            4 volumes over time (B, C, t, d, h, w), 1 sequences (B, C, n).
+        img_size, patch_size: training input size and patch size, an int or one entry per axis.
+        embed_dim, depth, num_heads: width C, number of blocks L, heads H (D = C / H).
+        rope_theta: RoPE frequency base; default `ROPE_THETA` of the kind.
+        rope_resolution_mode: RoPE coordinates at other grids, see `set_resolution_mode`;
+            default `DEFAULT_RESOLUTION_MODE`.
+        integer_norm, binary_bits: options of ``"integer"`` / ``"binary"``, see `FixedPosEmbed`.
+        **kwargs: any other `timm.models.VisionTransformer` argument (num_classes, in_chans,
+            global_pool, class_token, reg_tokens, drop_path_rate, patch_drop_rate, ...).
+            ``dynamic_img_size`` is always on; ``block_fn`` / ``attn_layer`` may only be subclasses of
+            `RopeBlock` / `RopeAttention`; ``embed_layer`` defaults to timm's `PatchEmbed` in 2D
+            (checkpoint compatible) and `PatchEmbedND` otherwise.
+
+    Options that belong to an encoding the model does not use (``rope_theta`` without RoPE, ...)
+    are ignored, so one config can sweep ``pos_embed``.
+    """
+
+    def __init__(
+        self,
+        pos_embed: PosEmbed = DEFAULT_POS_EMBED,
+        *,
+        ndim: int = 2,
+        img_size: int | Sequence[int] = 224,
+        patch_size: int | Sequence[int] = 16,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        rope_theta: float | None = None,
+        rope_resolution_mode: ResolutionMode | None = None,
+        integer_norm: IntegerNorm = "train",
+        binary_bits: int = BINARY_BITS,
+        **kwargs: Any,
+    ) -> None:
+        if pos_embed not in _ENCODINGS:
+            raise ValueError(f"pos_embed={pos_embed!r} is not supported; choose one of {list(POS_EMBED_CHOICES)}")
+        if isinstance(ndim, bool) or not isinstance(ndim, int) or ndim < 1:
+            raise ValueError(f"ndim={ndim!r} must be a positive int (2 images, 3 video, 4 volumes over time)")
+        img_size, patch_size = _per_axis("img_size", img_size, ndim), _per_axis("patch_size", patch_size, ndim)
+        if any(size % patch for size, patch in zip(img_size, patch_size)):
+            raise ValueError(f"img_size={img_size} must be a multiple of patch_size={patch_size} on every axis")
+        for name, value in (("embed_dim", embed_dim), ("depth", depth), ("num_heads", num_heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive int")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
+        encoding = _ENCODINGS[pos_embed]
+        head_dim = embed_dim // num_heads
+        if encoding.rope and (head_dim % 2 or head_dim // 2 < ndim):
+            raise ValueError(
+                f"pos_embed={pos_embed!r} rotates channel pairs of each head, split between ndim={ndim} axes: "
+                f"head_dim = embed_dim // num_heads = {head_dim} must be even and at least {2 * ndim}"
+            )
+        mode = DEFAULT_RESOLUTION_MODE if rope_resolution_mode is None else rope_resolution_mode
+        if mode not in ndrope.RESOLUTION_MODES:
+            raise ValueError(
+                f"rope_resolution_mode={mode!r} is not supported; choose one of {list(ndrope.RESOLUTION_MODES)}"
+            )
+        if kwargs.get("dynamic_img_size", True) is not True:
+            raise ValueError(
+                f"dynamic_img_size={kwargs['dynamic_img_size']!r} is not supported: it is always on, so that "
+                "every model runs at any multiple of the patch size"
+            )
+        for name, base in (("attn_layer", RopeAttention), ("block_fn", RopeBlock)):
+            layer = kwargs.setdefault(name, base)
+            if not (isinstance(layer, type) and issubclass(layer, base)):
+                raise ValueError(
+                    f"{name}={layer!r} is not supported: it must be {base.__name__} or a subclass, "
+                    "which take the per-forward position tables"
+                )
+        kwargs["dynamic_img_size"] = True
+        if ndim != 2:
+            kwargs.setdefault("embed_layer", PatchEmbedND)
+        super().__init__(
+            img_size=img_size,
+            patch_size=patch_size,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            pos_embed="learn" if encoding.absolute == "learned" else "none",
+            **kwargs,
+        )
+        self.pos_embed_type, self.ndim, self.num_heads = pos_embed, ndim, num_heads
+        grid_size = tuple(self.patch_embed.grid_size)
+        fixed = encoding.absolute in ("sincos", "integer", "binary")
+        self.fixed_pos_embed = (
+            FixedPosEmbed(encoding.absolute, embed_dim, grid_size, integer_norm=integer_norm, binary_bits=binary_bits)
+            if fixed
+            else None
+        )
+        self.rope = None
+        if encoding.rope is not None:
+            # RoPE-Mixed learns one frequency matrix per (layer, head): one module with L * H "heads"
+            # yields every layer's table from one matmul per forward.
+            self.rope = ndrope.RotaryEmbedding(
+                head_dim,
+                ndim,
+                kind=encoding.rope,
+                num_heads=depth * num_heads if encoding.rope == "mixed" else None,
+                theta=ROPE_THETA[encoding.rope] if rope_theta is None else rope_theta,
+                layout=ROPE_LAYOUT,
+                reference_shape=grid_size,
+            )
+        self.alibi = AlibiBias(num_heads) if encoding.alibi else None
+        if isinstance(self.patch_drop, PatchDropout):
+            # the kept indices select the matching rows of the RoPE tables and ALiBi bias
+            self.patch_drop = PatchDropoutWithIndices(self.patch_drop.prob, num_prefix_tokens=self.num_prefix_tokens)
+        self.set_resolution_mode(mode)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """timm's set plus the learned RoPE-Mixed frequencies (Heo et al. exclude them too)."""
+        return super().no_weight_decay() | {"rope.freqs"}
+
+    def set_resolution_mode(self, mode: ResolutionMode) -> None:
+        """Choose the RoPE coordinates for grids other than the training grid (inference-time switch).
+
+        ``"extrapolate"``: integer patch indices, a larger grid reaches new positions;
+        ``"interpolate"``: positions rescaled onto the training grid's range (EVA-02, FlexiViT style);
+        ``"ntk"``: integer indices with NTK-aware frequency scaling. The training grid itself is
+        unaffected. Models without RoPE have no coordinate convention to choose; for them only the
+        value is checked and recorded.
+        """
+        if mode not in ndrope.RESOLUTION_MODES:
+            raise ValueError(f"mode={mode!r} is not supported; choose one of {list(ndrope.RESOLUTION_MODES)}")
+        if self.rope is not None:
+            self.rope.set_resolution_mode(mode)
+        self.rope_resolution_mode = mode
+
+    def rotary_tables(self, grid_shape: Sequence[int]) -> list[Rotation | None]:
+        """The (cos, sin) pair each block rotates q and k by, for a grid; ``None`` entries without RoPE.
+
+        Axial: one (k + N, P) pair shared by all layers and heads (cached per grid by ndrope when the
+        frequencies are fixed). Mixed: one (H, k + N, P) pair per layer, all computed together. The k
+        prefix rows are angle 0 (cos 1, sin 0): class and register tokens are not rotated.
+        """
+        if self.rope is None:
+            return [None] * len(self.blocks)
+        cos, sin = self.rope.cos_sin(tuple(grid_shape), num_prefix_tokens=self.num_prefix_tokens)
+        if self.rope.kind == "axial":
+            return [(cos, sin)] * len(self.blocks)
+        per_layer = (cos.unflatten(0, (-1, self.num_heads)), sin.unflatten(0, (-1, self.num_heads)))  # (L, H, k+N, P)
+        return list(zip(per_layer[0].unbind(0), per_layer[1].unbind(0)))
+
+    def attention_bias(self, grid_shape: Sequence[int]) -> Tensor | None:
+        """The additive logit bias (H, k + N, k + N) shared by all blocks (ALiBi), or ``None``."""
+        if self.alibi is None:
+            return None
+        return self.alibi(tuple(grid_shape), num_prefix_tokens=self.num_prefix_tokens)
+
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor of shape (B, C, *spatial), got {type(x).__name__}")
+        if x.dim() != self.ndim + 2:
+            raise ValueError(
+                f"x has shape {tuple(x.shape)} (rank {x.dim()}) but this model has ndim={self.ndim} spatial axes: "
+                f"expected rank {self.ndim + 2}, (B, C, *spatial)"
+            )
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f"x has {x.shape[1]} channels (shape {tuple(x.shape)}) but in_chans={self.in_chans}")
+        spatial, patch = tuple(x.shape[2:]), tuple(self.patch_embed.patch_size)
+        if not self.patch_embed.dynamic_img_pad and any(size % p for size, p in zip(spatial, patch)):
+            nearest = tuple(max(p, size // p * p) for size, p in zip(spatial, patch))
+            raise ValueError(
+                f"input size {spatial} is not a multiple of patch_size={patch}: use e.g. {nearest}, "
+                f"or build the model with dynamic_img_pad=True to zero-pad"
+            )
+
+    def _pos_embed(self, x: Tensor) -> Tensor:
+        """Patch tokens (B, *grid_shape, C) -> (B, k + N, C): absolute table added, prefix tokens prepended."""
+        B, *grid_shape, C = x.shape
+        x = x.reshape(B, -1, C)
+        prefix = [token.expand(B, -1, -1) for token in (self.cls_token, self.reg_token) if token is not None]
+        table, covers_prefix = None, False
+        if self.pos_embed is not None:
+            # timm's layouts: rows for the prefix tokens too (original ViT), or patches only (no_embed_class)
+            covers_prefix = not self.no_embed_class
+            table = resample_pos_embed(
+                self.pos_embed,
+                grid_shape,
+                self.patch_embed.grid_size,
+                num_prefix_tokens=self.num_prefix_tokens if covers_prefix else 0,
+            )
+        elif self.fixed_pos_embed is not None:
+            table = self.fixed_pos_embed(grid_shape, device=x.device).to(x.dtype)  # N, C
+        if table is not None and not covers_prefix:
+            x = x + table
+        if prefix:
+            x = torch.cat(prefix + [x], dim=1)
+        if table is not None and covers_prefix:
+            x = x + table
+        return self.pos_drop(x)
+
+    def _tokens(
+        self, x: Tensor, attn_mask: Tensor | None
+    ) -> tuple[Tensor, tuple[int, ...], list[Rotation | None], Tensor | None]:
+        """Input (B, C, *spatial) -> tokens (B, k + N, C), grid_shape, per-block rotations, logit bias."""
+        self._check_input(x)
+        x = self.patch_embed(x)  # B, *grid_shape, C
+        grid_shape = tuple(x.shape[1:-1])
+        x = self._pos_embed(x)
+        ropes, bias = self.rotary_tables(grid_shape), self.attention_bias(grid_shape)
+        if attn_mask is not None:
+            if attn_mask.dtype == torch.bool:  # SDPA convention: True = may attend
+                attn_mask = torch.zeros(attn_mask.shape, device=x.device).masked_fill(~attn_mask, float("-inf"))
+            bias = attn_mask if bias is None else bias + attn_mask
+        if isinstance(self.patch_drop, PatchDropoutWithIndices):
+            n_tokens = x.shape[1]
+            x, keep = self.patch_drop(x)
+            if keep is not None:
+                ropes, bias = self._keep_positions(keep, ropes, bias, n_tokens=n_tokens)
+        return self.norm_pre(x), grid_shape, ropes, bias
+
+    def _keep_positions(
+        self, keep: Tensor, ropes: list[Rotation | None], bias: Tensor | None, *, n_tokens: int
+    ) -> tuple[list[Rotation | None], Tensor | None]:
+        """Restrict the tables for all ``n_tokens`` tokens to those patch dropout kept: keep (B, M) patch indices."""
+        B, k = keep.shape[0], self.num_prefix_tokens
+        index = torch.cat((torch.arange(k, device=keep.device).expand(B, k), keep + k), dim=1)  # B, k + M
+        if bias is not None:
+            bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+            bias = bias.expand(B, -1, n_tokens, n_tokens)  # B, H or 1, k + N, k + N
+            bias = _gather_tokens(_gather_tokens(bias, index, 2), index, 3)  # B, H or 1, k + M, k + M
+        kept = []
+        for rope in ropes:
+            if rope is not None:
+                # (N, P) or (H, N, P) -> B, H or 1, k + M, P
+                rope = tuple(
+                    _gather_tokens(t.reshape((1,) * (4 - t.dim()) + tuple(t.shape)).expand(B, -1, -1, -1), index, 2)
+                    for t in rope
+                )
+            kept.append(rope)
+        return kept, bias
+
+    def _run_block(self, block: nn.Module, x: Tensor, rope: Rotation | None, bias: Tensor | None) -> Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, x, rope=rope, attn_mask=bias)
+        return block(x, rope=rope, attn_mask=bias)
+
+    def forward_features(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        """x (B, C, *spatial) -> normalised tokens (B, k + N, C).
+
+        ``attn_mask``: optional mask broadcastable to (B, H, k + N, k + N), boolean (True = may
+        attend, as in SDPA) or additive float; combined with the model's own bias.
+        """
+        x, _, ropes, bias = self._tokens(x, attn_mask)
+        for block, rope in zip(self.blocks, ropes):
+            x = self._run_block(block, x, rope, bias)
+        return self.norm(x)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        """x (B, C, *spatial) -> logits (B, num_classes) (pooled features when num_classes=0)."""
+        return self.forward_head(self.forward_features(x, attn_mask=attn_mask))
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | Sequence[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        attn_mask: Tensor | None = None,
+    ) -> list[Any] | tuple[Tensor, list[Any]]:
+        """Features of selected blocks (timm's interface, used by ``features_only`` and DINO-style probes).
+
+        Args:
+            indices: last n blocks (int), or block indices (negative from the end); None = all.
+            return_prefix_tokens: pair each intermediate with its prefix tokens (B, k, C).
+            norm: apply the final norm to each intermediate.
+            stop_early: skip blocks after the last requested one.
+            output_fmt: ``"NCHW"`` channels first over the grid, (B, C, *grid_shape) for any ndim,
+                or ``"NLC"`` tokens (B, N, C).
+            intermediates_only: return only the list of intermediates.
+            attn_mask: as in `forward_features`.
+        Returns:
+            the intermediates, or (final normalised tokens (B, k + N, C), intermediates).
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt={output_fmt!r} is not supported; choose 'NCHW' or 'NLC'")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        x, grid_shape, ropes, bias = self._tokens(x, attn_mask)
+        blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
+        intermediates = []
+        for i, (block, rope) in enumerate(zip(blocks, ropes)):
+            x = self._run_block(block, x, rope, bias)
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm else x)
+        k = self.num_prefix_tokens
+        prefix_tokens = [y[:, :k] for y in intermediates]
+        intermediates = [y[:, k:] for y in intermediates]
+        if output_fmt == "NCHW":
+            intermediates = [y.reshape(y.shape[0], *grid_shape, -1).movedim(-1, 1).contiguous() for y in intermediates]
+        if return_prefix_tokens and k:
+            intermediates = list(zip(intermediates, prefix_tokens))
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+
+def create_vit(pos_embed: PosEmbed = DEFAULT_POS_EMBED, **kwargs: Any) -> NDRopeVisionTransformer:
+    """Build a ViT with the given position encoding; ``kwargs`` as `NDRopeVisionTransformer` (any timm
+    `VisionTransformer` keyword, plus ``ndim``, ``rope_theta``, ``rope_resolution_mode``, ...).
+
+    >>> create_vit("rope_axial", ndim=3, img_size=(8, 32, 32), patch_size=(2, 4, 4), embed_dim=192,
+    ...            depth=6, num_heads=3, num_classes=10)   # video (B, 3, t, h, w), t, h, w multiples of the patch
+    """
+    return NDRopeVisionTransformer(pos_embed, **kwargs)
+
+
+def set_resolution_mode(model: nn.Module, mode: ResolutionMode) -> None:
+    """Set the RoPE resolution mode (see `NDRopeVisionTransformer.set_resolution_mode`) of every
+    `NDRopeVisionTransformer` in ``model`` (the model itself, or e.g. a LightningModule holding it)."""
+    found = [module for module in model.modules() if isinstance(module, NDRopeVisionTransformer)]
+    if not found:
+        raise TypeError(f"model ({type(model).__name__}) contains no NDRopeVisionTransformer")
+    for vit in found:
+        vit.set_resolution_mode(mode)
