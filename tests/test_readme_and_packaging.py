@@ -36,6 +36,14 @@ def test_readme_attention_example_runs_at_two_grids():
     assert layer(torch.randn(1, 1 + 7 * 9, 384), (7, 9)).shape == (1, 64, 384)
 
 
+def test_readme_vit_example_runs():
+    block = next(b for b in readme_python_blocks() if "vit.create_vit" in b)
+    namespace: dict = {}
+    exec(block, namespace)
+    assert namespace["model"](torch.randn(1, 3, 24, 24)).shape == (1, 10)
+    assert namespace["model"].rope.resolution_mode == "interpolate"
+
+
 def test_readme_multimodal_example_is_the_real_output():
     text = (ROOT / "README.md").read_text()
     match = re.search(r">>> (ndrope\.multimodal_positions\(.*?\)\.long\(\)\.tolist\(\)).*?\n(.*?)```", text, flags=re.DOTALL)
