@@ -70,7 +70,10 @@ POS_EMBED_CHOICES: tuple[str, ...] = tuple(_ENCODINGS)
 DEFAULT_POS_EMBED: PosEmbed = "rope_mixed"
 #: RoPE coordinates at a grid other than the training grid, unless ``rope_resolution_mode`` is given:
 #: "extrapolate" (integer patch indices), "interpolate" (rescaled onto the training grid) or "ntk".
-DEFAULT_RESOLUTION_MODE: ResolutionMode = "extrapolate"
+#: "interpolate" measured best when test images are resized (the object spans the same fraction of the
+#: grid at every size): Fashion-MNIST, trained at 28px, tested at 44px, top-1 80.6 / 37.1 / 38.0 %
+#: (rope_axial) and 80.2 / 24.5 % (rope_mixed) for interpolate / extrapolate / ntk (README, study).
+DEFAULT_RESOLUTION_MODE: ResolutionMode = "interpolate"
 #: RoPE frequency base per kind, as Heo et al. (https://arxiv.org/abs/2403.13298) use for ViTs:
 #: 100 for RoPE-Axial, 10 for the initialisation of the learned RoPE-Mixed frequencies.
 ROPE_THETA: dict[str, float] = {"axial": 100.0, "mixed": 10.0}
