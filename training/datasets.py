@@ -1,0 +1,126 @@
+"""On-disk dataset readers: gzip IDX (Fashion-MNIST), ImageFolder class subsets, and a transform wrapper.
+
+The loaders return raw samples (a uint8 image tensor (C, h, w) or a PIL image, and an int label);
+`Transformed` applies a transform on top, so one decoded dataset can be viewed at several resolutions.
+`EpochSampler` makes training repeatable: the augmentation of sample i in epoch e is seeded by
+(seed, e, i) alone, whatever the number of workers or devices, and whether or not the run was resumed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, DistributedSampler
+from torchvision.datasets import ImageFolder
+
+# IDX header: magic = 0x00 0x00 <dtype code> <ndim>, then ndim big-endian uint32 sizes.
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4")}
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (plain or ``.gz``), as used by MNIST and Fashion-MNIST; returns the array it stores."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path} is not an IDX file: header bytes {data[:4]!r}")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    dtype = np.dtype(_IDX_DTYPES[data[2]])
+    offset = 4 + 4 * ndim
+    expected = offset + int(np.prod(shape)) * dtype.itemsize
+    if len(data) != expected:
+        raise ValueError(f"{path}: header says shape {shape} ({expected} bytes) but the file has {len(data)} bytes")
+    return np.frombuffer(data, dtype=dtype, offset=offset).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def find_idx(root: Path, stem: str) -> Path | None:
+    """The first of ``root/stem[.gz]`` and torchvision's ``root/FashionMNIST/raw/stem[.gz]`` that exists."""
+    for folder in (root, root / "FashionMNIST" / "raw"):
+        for name in (f"{stem}.gz", stem):
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+class ImageTensorDataset(Dataset):
+    """Images held in memory as uint8 (N, C, h, w) with int64 labels (N,); item i is (images[i], int label)."""
+
+    def __init__(self, images: Tensor, labels: Tensor) -> None:
+        if images.ndim != 4 or images.dtype != torch.uint8:
+            raise ValueError(f"images must be uint8 (N, C, h, w), got {images.dtype} {tuple(images.shape)}")
+        if labels.shape != images.shape[:1]:
+            raise ValueError(f"labels shape {tuple(labels.shape)} does not match {images.shape[0]} images")
+        self.images = images
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return self.images[index], int(self.labels[index])
+
+
+class SubsetImageFolder(ImageFolder):
+    """`ImageFolder` restricted to ``classes`` (e.g. the 100 ImageNet-100 wnids), labelled in the order given."""
+
+    def __init__(self, root: str | os.PathLike, classes: list[str] | None = None, **kwargs: Any) -> None:
+        self.subset = classes
+        super().__init__(root, **kwargs)
+
+    def find_classes(self, directory: str | os.PathLike) -> tuple[list[str], dict[str, int]]:
+        found, _ = super().find_classes(directory)
+        if self.subset is None:
+            return found, {name: i for i, name in enumerate(found)}
+        missing = sorted(set(self.subset) - set(found))
+        if missing:
+            shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise FileNotFoundError(
+                f"{len(missing)} of the {len(self.subset)} listed classes have no folder in {directory}: {shown}"
+            )
+        return list(self.subset), {name: i for i, name in enumerate(self.subset)}
+
+
+class EpochSampler(DistributedSampler):
+    """`DistributedSampler` (shuffled by seed + epoch) that yields ``(index, sample_seed)`` keys for `Transformed`.
+
+    Being a DistributedSampler, Lightning neither replaces it under DDP nor forgets to call
+    ``set_epoch``; with ``num_replicas=1`` it is a seeded per-epoch shuffle.
+    """
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+        # hash() of a tuple of ints is the same in every process (PYTHONHASHSEED only salts str/bytes).
+        return ((i, hash((self.seed, self.epoch, i))) for i in super().__iter__())
+
+
+class Transformed(Dataset):
+    """``base[i]`` = (image, label) with ``transform`` applied to the image.
+
+    A key ``(i, sample_seed)`` (from `EpochSampler`) runs the transform under a CPU RNG seeded with
+    ``sample_seed`` and restores the caller's RNG afterwards; a plain int key uses the current RNG.
+    """
+
+    def __init__(self, base: Dataset, transform: Callable[[Any], Tensor]) -> None:
+        self.base = base
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, int]:
+        if isinstance(key, tuple):
+            index, sample_seed = key
+            image, label = self.base[index]
+            with torch.random.fork_rng(devices=[]):
+                # the CPU generator only: torch.manual_seed also reseeds CUDA, 100x slower per call
+                torch.default_generator.manual_seed(sample_seed & 0x7FFF_FFFF_FFFF_FFFF)
+                return self.transform(image), label
+        image, label = self.base[key]
+        return self.transform(image), label

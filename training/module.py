@@ -1,0 +1,193 @@
+"""`ImageClassifier`: the LightningModule that trains a `vit` model and evaluates it at several resolutions."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import vit
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_only
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import param_groups_weight_decay
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+from ndrope.modules import ResolutionMode
+from torchmetrics.classification import MulticlassAccuracy
+
+from .net import ViTSpec
+from .report import format_eval_table, write_eval_report
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """LR multiplier at optimizer ``step``: linear warmup to 1 over ``warmup_steps``, then cosine to ``min_ratio``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def accuracy_metrics(num_classes: int) -> MetricCollection:
+    """Top-1, plus top-5 when there are more than 10 classes; inputs are logits (B, num_classes) and labels (B,)."""
+    metrics = {"top1": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
+    if num_classes > 10:
+        metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+    return MetricCollection(metrics)
+
+
+class ImageClassifier(LightningModule):
+    """Classification with AdamW, warmup + cosine, label smoothing and optional mixup/cutmix.
+
+    Args:
+        net: the network (`ViTSpec`, built with `vit.create_vit`); it maps images (B, C, r, r) to
+            logits (B, num_classes) for any r that is a multiple of its patch size.
+        lr: peak learning rate, reached after ``warmup_epochs``.
+        weight_decay: AdamW decay, not applied to biases, norms and the model's ``no_weight_decay()``.
+        warmup_epochs: linear warmup length (fractions allowed), then cosine decay per step.
+        min_lr_ratio: final learning rate as a fraction of ``lr``.
+        label_smoothing: for the cross-entropy (and inside mixup targets).
+        mixup_alpha, cutmix_alpha: timm Mixup/CutMix strengths; both 0 disables them.
+        compile: ``torch.compile`` the network (checkpoint keys are unchanged).
+        eval_resolutions: test resolutions, each a multiple of the patch size; default the training one.
+        resolution_mode: passed to `vit.set_resolution_mode` (how positions adapt to another grid);
+            None keeps the model's default.
+
+    Test results are written to ``<trainer.log_dir>/eval.json`` and ``eval.csv``.
+    """
+
+    def __init__(
+        self,
+        net: ViTSpec,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        warmup_epochs: float = 5.0,
+        min_lr_ratio: float = 0.01,
+        label_smoothing: float = 0.1,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        compile: bool = False,
+        eval_resolutions: Optional[list[int]] = None,
+        resolution_mode: Optional[ResolutionMode] = None,
+    ) -> None:
+        super().__init__()
+        # Evaluation and runtime switches stay out of the checkpoint: LightningCLI applies a checkpoint's
+        # hyperparameters over the command line, which would pin `test --model.eval_resolutions`.
+        self.save_hyperparameters(ignore=["eval_resolutions", "resolution_mode", "compile"])
+        self.resolution_mode = resolution_mode
+        self.patch_size = net.patch_size
+        self.train_resolution = net.img_size
+        self.eval_resolutions = list(eval_resolutions or [self.train_resolution])
+        for name, sizes in (("img_size", [self.train_resolution]), ("eval_resolutions", self.eval_resolutions)):
+            bad = [r for r in sizes if r < self.patch_size or r % self.patch_size]
+            if bad:
+                raise ValueError(
+                    f"{name}={sizes}: {bad} not a positive multiple of patch_size={self.patch_size}; "
+                    f"use multiples such as {[self.patch_size * k for k in range(2, 6)]}"
+                )
+        self.net = net.build()
+        if resolution_mode is not None:
+            vit.set_resolution_mode(self.net, resolution_mode)
+        if compile:
+            self.net.compile()
+        num_classes = net.num_classes
+        self.mixup = None
+        if mixup_alpha > 0 or cutmix_alpha > 0:
+            self.mixup = Mixup(
+                mixup_alpha=mixup_alpha,
+                cutmix_alpha=cutmix_alpha,
+                label_smoothing=label_smoothing,
+                num_classes=num_classes,
+            )
+        self.criterion = (
+            SoftTargetCrossEntropy() if self.mixup else nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        )
+        self.val_metrics = accuracy_metrics(num_classes).clone(prefix="val/")
+        self.test_metrics = nn.ModuleList(accuracy_metrics(num_classes) for _ in self.eval_resolutions)
+        self.eval_results: dict[int, dict[str, float]] = {}
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Images (B, C, r, r) -> logits (B, num_classes)."""
+        return self.net(x)
+
+    def on_train_epoch_start(self) -> None:
+        # Model-side randomness (dropout, drop path, mixup) restarts from (seed, epoch, rank) each epoch,
+        # so an epoch runs the same whether or not training was resumed before it; the data side is
+        # seeded per sample by training.datasets.EpochSampler. Unseeded runs (no seed_everything) are left alone.
+        seed = os.environ.get("PL_GLOBAL_SEED")
+        if seed is not None:
+            state = np.random.SeedSequence([int(seed), self.current_epoch, self.global_rank]).generate_state(2)
+            epoch_seed = int(state[0]) << 32 | int(state[1])
+            random.seed(epoch_seed)
+            np.random.seed(int(state[0]))
+            torch.manual_seed(epoch_seed)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        target = y
+        if self.mixup is not None:
+            x, target = self.mixup(x, y)
+        loss = self.criterion(self(x), target)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log("val/loss", nn.functional.cross_entropy(logits, y), sync_dist=True)
+        self.val_metrics.update(logits, y)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict(self.val_metrics.compute(), prog_bar=True)
+        self.val_metrics.reset()
+
+    def on_test_start(self) -> None:
+        loaders = self.trainer.test_dataloaders
+        n = len(loaders) if isinstance(loaders, list) else 1
+        if n != len(self.eval_resolutions):
+            raise ValueError(
+                f"got {n} test dataloaders for eval_resolutions={self.eval_resolutions}; give the datamodule the "
+                "same eval_resolutions (train.py links --model.eval_resolutions to the data)"
+            )
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        x, y = batch
+        resolution, metrics = self.eval_resolutions[dataloader_idx], self.test_metrics[dataloader_idx]
+        metrics.update(self(x), y)
+        self.log_dict({f"test/{name}@{resolution}": m for name, m in metrics.items()}, add_dataloader_idx=False)
+
+    def on_test_epoch_end(self) -> None:
+        self.eval_results = {
+            resolution: {name: float(v) for name, v in metrics.compute().items()}
+            for resolution, metrics in zip(self.eval_resolutions, self.test_metrics)
+        }
+
+    @rank_zero_only
+    def on_test_end(self) -> None:
+        meta = {
+            "checkpoint": self.trainer.ckpt_path,
+            "train_resolution": self.train_resolution,
+            "patch_size": self.patch_size,
+            "resolution_mode": self.resolution_mode,
+            "num_params": sum(p.numel() for p in self.net.parameters()),
+        }
+        print(format_eval_table(self.eval_results, self.patch_size, self.train_resolution))
+        paths = write_eval_report(self.trainer.log_dir, self.eval_results, meta)
+        print(f"wrote {', '.join(os.fspath(p) for p in paths)}")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        no_decay = self.net.no_weight_decay()
+        groups = param_groups_weight_decay(self.net, self.hparams.weight_decay, no_weight_decay_list=no_decay)
+        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr)
+        total = self.trainer.estimated_stepping_batches
+        steps_per_epoch = max(1, self.trainer.num_training_batches // self.trainer.accumulate_grad_batches)
+        warmup = min(total, round(self.hparams.warmup_epochs * steps_per_epoch))
+        ratio = self.hparams.min_lr_ratio
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, warmup, total, ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
