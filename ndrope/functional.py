@@ -17,6 +17,7 @@ from typing import Literal, Sequence, Union
 import torch
 from torch import Tensor
 
+from . import _kernels
 from ._checks import check_choice, check_even_dim, check_finite, check_int, check_positive_float, check_tensor
 
 Layout = Literal["half", "interleaved"]
@@ -143,9 +144,9 @@ def angles(positions: Tensor, freqs: Tensor, *, check_finite_positions: bool = T
     Args:
         positions: (..., N, A) coordinates (any real dtype).
         freqs: (A, P) shared by all heads, or (H, A, P) per head.
-    Returns:
         check_finite_positions: reject NaN/inf positions; this costs a device sync on GPU, so
             callers whose positions are finite by construction (`grid`) may skip it.
+    Returns:
         (..., N, P) for shared freqs, (..., H, N, P) for per-head freqs; broadcastable against
         q/k of shape (B, H, N, D). float64 when either input is float64. Otherwise float32, computed
         in float64 and reduced modulo 2*pi first, so positions up to ~1e7 keep ~1e-7 rad accuracy
@@ -252,4 +253,8 @@ def apply_rotary(x: Tensor, angles: Rotation, *, layout: Layout = "half") -> Ten
     check_choice("layout", layout, LAYOUTS)
     cos, sin = _as_cos_sin(angles)
     check_rotation_shapes(x, cos)
-    return rotate_reference(x, cos, sin, layout)
+    # a one-pass kernel whose backward saves only cos/sin; NDROPE_BACKEND=reference selects the formula
+    backend = _kernels.resolve_backend(x)
+    if backend == "reference":
+        return rotate_reference(x, cos, sin, layout)
+    return _kernels.rotate(x, cos, sin, interleaved=layout == "interleaved", backend=backend)

@@ -1,0 +1,170 @@
+"""`python -m bench`: rotation speed against the copy bound and peers, then a ViT training step.
+
+Quick run: ``python -m bench --repeats 5 --shapes 2d --dtypes float32 --skip-vit``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+from typing import Any, Callable
+
+import torch
+
+import ndrope
+
+from . import rotary, vit_step
+from .timing import warm_allocator
+
+
+def _names(choices: dict[str, Any]) -> Callable[[str], list[str]]:
+    """An argparse type: comma-separated names, each one of ``choices``."""
+
+    def parse(text: str) -> list[str]:
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        bad = [name for name in names if name not in choices]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(choices)} (comma-separated)")
+        return names
+
+    return parse
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=15, help="timed rounds per rotation case (median; default 15)")
+    parser.add_argument(
+        "--shapes", type=_names(rotary.SHAPES), default=list(rotary.SHAPES), help="comma-separated from 1d,2d,3d (all)"
+    )
+    parser.add_argument(
+        "--dtypes", type=_names(rotary.DTYPES), default=list(rotary.DTYPES), help="from float32,bfloat16 (both)"
+    )
+    parser.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile peer (saves ~30 s)")
+    parser.add_argument("--skip-rotary", action="store_true", help="ViT training step only")
+    parser.add_argument(
+        "--vit", type=_names(vit_step.CONFIGS), default=list(vit_step.CONFIGS), help="from tiny-32px,small-224 (both)"
+    )
+    parser.add_argument("--vit-repeats", type=int, default=5, help="timed training steps per ViT (median; default 5)")
+    parser.add_argument("--skip-vit", action="store_true", help="rotation benchmark only")
+    parser.add_argument("--cold-alloc", action="store_true", help="keep glibc's default mmap/trim (page faults timed)")
+    parser.add_argument("--out", help="also write the results as JSON to this path (atomically)")
+    return parser
+
+
+def _machine() -> dict[str, Any]:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    probe = torch.zeros(1, 1, 2)
+    return dict(
+        cpu=cpu, cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
+        cpu_capability=torch.backends.cpu.get_cpu_capability(), python=platform.python_version(),
+        ndrope_backend=ndrope._kernels.resolve_backend(probe),
+    )
+
+
+def _print_rotary(rows: list[dict[str, Any]]) -> None:
+    width = max(len(r["method"]) for r in rows)
+    blocks: dict[tuple[str, str], dict[str, dict[str, dict[str, Any]]]] = {}
+    for r in rows:
+        blocks.setdefault((r["shape"], r["dtype"]), {}).setdefault(r["method"], {})[r["passes"]] = r
+    for (shape, dtype), methods in blocks.items():
+        size = next(iter(methods.values()))["forward"]["size"]
+        print(f"\n{shape} q, k {tuple(size)} {dtype}")
+        print(f"{'':{width}}  {'forward':>22}  {'forward+backward':>22}")
+        print(f"{'method':{width}}  {'ms':>7} {'GB/s':>6} {'x copy':>7}  {'ms':>7} {'GB/s':>6} {'x copy':>7}")
+        for method, passes in methods.items():
+            cells = [f"{p['ms']:7.2f} {p['gb_per_s']:6.1f} {p['x_copy']:7.2f}" for p in map(passes.get, rotary.PASSES)]
+            print(f"{method:{width}}  " + "  ".join(cells))
+
+
+def _print_targets(found: list[dict[str, Any]]) -> None:
+    print("\ntargets (ndrope time / bound, met if <= 1.25)")
+    for t in found:
+        verdict = "met" if t["met"] else "NOT MET"
+        where = f"{t['passes']:16} {t['shape']} {t['dtype']:8} {t['method']:18}"
+        print(f"  {where} {t['ratio']:5.2f}x {t['versus']:26} {verdict}")
+
+
+def _print_vit(rows: list[dict[str, Any]]) -> None:
+    print("\nViT training step (forward + cross-entropy + backward + AdamW); ratios of medians (and of minima)")
+    header = f"{'config':10} {'batch':>5} {'pos_embed':10} {'ms/step':>8} {'x learned':>15} {'limit':>6}"
+    print(f"{header}          per forward")
+    for r in rows:
+        limit = "" if r["limit"] is None else f"{r['limit']:.2f}"
+        verdict = "" if r["met"] is None else ("met" if r["met"] else "NOT MET")
+        tables, rotations = r["angle_tables_per_forward"], r["rotations_per_forward"]
+        counts = f"{tables} angle tables, {rotations} rotations ({r['depth']} blocks)"
+        ratios = f"{r['x_learned']:.3f} ({r['x_learned_min']:.3f})"
+        row = f"{r['config']:10} {r['batch']:5} {r['pos_embed']:10} {r['ms']:8.1f} {ratios:>15} {limit:>6}"
+        print(f"{row} {verdict:8} {counts}")
+
+
+def _write_json(path: str, payload: dict[str, Any]) -> None:
+    """Write atomically: a temporary file in the same directory, then os.replace."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".bench-", suffix=".json")
+    try:
+        with os.fdopen(handle, "w") as file:
+            json.dump(payload, file, indent=2)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = _parser().parse_args(argv)
+    # torch.compile imports cpp_extension, which warns about CUDA_HOME on CPU-only machines
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    if args.repeats < 1 or args.vit_repeats < 1:
+        raise SystemExit(f"--repeats={args.repeats} and --vit-repeats={args.vit_repeats} must be >= 1")
+    start = time.perf_counter()
+    warm = not args.cold_alloc and warm_allocator()
+    machine = dict(
+        _machine(), allocator="warm (glibc mallopt: no mmap, no trim)" if warm else "default",
+        load_average_before=os.getloadavg()[0],
+    )
+    print(
+        f"{machine['cpu']}, {machine['cores']} cores, {machine['torch_threads']} threads, torch {machine['torch']} "
+        f"({machine['cpu_capability']})\nndrope backend: {machine['ndrope_backend']}; "
+        f"allocator: {machine['allocator']}; median of {args.repeats} interleaved rounds"
+    )
+    payload: dict[str, Any] = dict(machine=machine, args=vars(args))
+    if not args.skip_rotary:
+        rows = rotary.run(args.shapes, args.dtypes, args.repeats, compile_peer=not args.skip_compile)
+        _print_rotary(rows)
+        payload.update(rotary=rows, targets=rotary.targets(rows))
+        _print_targets(payload["targets"])
+    if args.skip_vit:
+        payload["vit"] = {"skipped": "--skip-vit"}
+    elif (reason := vit_step.unavailable()) is not None:
+        print(f"\nViT training step: skipped, {reason}")
+        payload["vit"] = {"skipped": reason}
+    else:
+        payload["vit"] = vit_step.run(args.vit, args.vit_repeats)
+        _print_vit(payload["vit"])
+    payload["seconds"] = time.perf_counter() - start
+    machine["load_average_after"] = os.getloadavg()[0]
+    before, after = machine["load_average_before"], machine["load_average_after"]
+    print(f"\ntotal {payload['seconds']:.0f} s; 1-minute load average {before:.1f} before, {after:.1f} after")
+    others = max(before, after - machine["torch_threads"])
+    if others > 0.5:  # this run itself keeps about torch_threads cores busy
+        print("warning: other processes were busy on this machine; ratios measured while they ran are unreliable")
+    if args.out:
+        _write_json(args.out, payload)
+        print(f"wrote {args.out}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Rotation of q and k alone: ndrope against the copy bound and the peers, forward and forward+backward."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+import ndrope
+from ndrope.functional import rotate_reference
+
+from . import peers
+from .timing import measure
+
+# name: (q/k shape (B, H, N, D), grid shape); the issue's three workloads
+SHAPES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
+    "1d": ((1, 32, 4096, 128), (4096,)),  # a 7B-class LLM layer at 4k context
+    "2d": ((64, 6, 196, 64), (14, 14)),  # ViT-S/16 at 224, batch 64
+    "3d": ((4, 12, 1568, 64), (8, 14, 14)),  # ViT-B video, 8 x 14 x 14 tubelets
+}
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+PASSES = ("forward", "forward+backward")
+
+
+def _forward(apply: peers.Apply, q: Tensor, k: Tensor) -> Callable[[], tuple[Tensor, Tensor]]:
+    def run() -> tuple[Tensor, Tensor]:
+        with torch.no_grad():
+            return apply(q, k)
+
+    return run
+
+
+def _forward_backward(
+    apply: peers.Apply, q: Tensor, k: Tensor, grad_q: Tensor, grad_k: Tensor
+) -> Callable[[], tuple[Tensor, ...]]:
+    q, k = q.detach().requires_grad_(), k.detach().requires_grad_()
+
+    def run() -> tuple[Tensor, ...]:
+        out_q, out_k = apply(q, k)
+        torch.autograd.backward((out_q, out_k), (grad_q, grad_k))
+        grads = (q.grad, k.grad)
+        q.grad = k.grad = None
+        return grads
+
+    return run
+
+
+def _check(peer: peers.Peer, apply: peers.Apply, q: Tensor, k: Tensor, cos_sin: tuple[Tensor, Tensor]) -> None:
+    """Every candidate must compute the same rotation, else the comparison means nothing."""
+    if peer.layout == "-":
+        return
+    with torch.no_grad():
+        got = apply(q, k)
+    for x, out in zip((q, k), got):
+        expected = rotate_reference(x, *cos_sin, peer.layout)
+        error = (out.float() - expected.float()).abs().max().item()
+        if error > (1e-4 if q.dtype == torch.float32 else 0.1):
+            raise RuntimeError(f"{peer.name} disagrees with ndrope's reference ({peer.layout}): max error {error:.3g}")
+
+
+def run(shapes: Sequence[str], dtypes: Sequence[str], repeats: int, compile_peer: bool = True) -> list[dict[str, Any]]:
+    """One row per (shape, dtype, pass, method): median ms, effective GB/s, ratio to the copy bound."""
+    rows = []
+    candidates = [peers.COPY, *peers.NDROPE, *(p for p in peers.PEERS if compile_peer or p is not peers.COMPILED)]
+    for shape_name in shapes:
+        shape, grid_shape = SHAPES[shape_name]
+        rope = ndrope.RotaryEmbedding(shape[-1], n_axes=len(grid_shape), theta=100.0)
+        theta = rope.angles(grid_shape)  # (N, P) float32, shared by heads and batch
+        cos_sin = ndrope.cos_sin(theta)
+        for dtype_name in dtypes:
+            dtype = DTYPES[dtype_name]
+            generator = torch.Generator().manual_seed(0)
+            q, k, grad_q, grad_k = (torch.randn(shape, generator=generator).to(dtype) for _ in range(4))
+            applies = {}
+            for peer in candidates:
+                try:
+                    applies[peer.name] = peer.make(theta, dtype)
+                except ImportError as error:
+                    print(f"  skipping {peer.name}: {error}")
+                    continue
+                _check(peer, applies[peer.name], q, k, cos_sin)
+            bytes_moved = 2 * 2 * q.numel() * q.element_size()  # q and k, read once + written once
+            for pass_name in PASSES:
+                if pass_name == "forward":
+                    cases = {name: _forward(apply, q, k) for name, apply in applies.items()}
+                else:
+                    cases = {name: _forward_backward(apply, q, k, grad_q, grad_k) for name, apply in applies.items()}
+                seconds = measure(cases, repeats)
+                traffic = bytes_moved * (1 if pass_name == "forward" else 2)
+                copy = seconds[peers.COPY.name]["median"]
+                for name, value in seconds.items():
+                    rows.append(
+                        dict(
+                            shape=shape_name, size=list(shape), dtype=dtype_name, passes=pass_name, method=name,
+                            ms=value["median"] * 1e3, min_ms=value["min"] * 1e3,
+                            gb_per_s=traffic / value["median"] / 1e9, x_copy=value["median"] / copy,
+                        )
+                    )
+    return rows
+
+
+def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's targets: forward within 1.25x of the copy bound; forward+backward within 1.25x of
+    the best of (complex form, torch.compile of rotate_half)."""
+    found = []
+    table = {(r["shape"], r["dtype"], r["passes"], r["method"]): r for r in rows}
+    default_methods = [peer.name for peer in peers.NDROPE_DEFAULT]
+    for shape, dtype, passes, method in table:
+        if method not in default_methods:
+            continue
+        mine = table[(shape, dtype, passes, method)]["ms"]
+        if passes == "forward":
+            bound_name, bound = "copy", table[(shape, dtype, passes, peers.COPY.name)]["ms"]
+        else:
+            keys = [(shape, dtype, passes, peer.name) for peer in (peers.COMPLEX, peers.COMPILED)]
+            best = [table[key]["ms"] for key in keys if key in table]
+            if not best:
+                continue
+            bound_name, bound = "best of complex, compiled", min(best)
+        found.append(
+            dict(
+                shape=shape, dtype=dtype, passes=passes, method=method, versus=bound_name,
+                ratio=mine / bound, met=mine / bound <= 1.25,
+            )
+        )
+    return found

@@ -1,0 +1,48 @@
+"""Interleaved timing: every round runs each candidate in turn, so load spikes on a shared machine
+hit all of them alike and ratios measured in one run stay meaningful."""
+
+from __future__ import annotations
+
+import ctypes
+import statistics
+import time
+from typing import Callable, Mapping
+
+
+def measure(
+    cases: Mapping[str, Callable[[], object]], repeats: int, *, warmup: int = 1, settle: bool = True
+) -> dict[str, dict[str, float]]:
+    """Median and minimum wall time in seconds of each case over ``repeats`` interleaved rounds.
+
+    With ``settle`` a case runs twice per round and only the second call is timed: the first settles
+    the caches and the allocator for that case (the L3 of these machines holds the whole working set,
+    so the previous case's leftovers would otherwise decide the time). Results are released untimed.
+    """
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for round_index in range(warmup + repeats):
+        for name, fn in cases.items():
+            if settle:
+                fn()  # its result is dropped at once
+            start = time.perf_counter()
+            result = fn()
+            elapsed = time.perf_counter() - start
+            del result
+            if round_index >= warmup:
+                times[name].append(elapsed)
+    return {name: dict(median=statistics.median(values), min=min(values)) for name, values in times.items()}
+
+
+def warm_allocator() -> bool:
+    """Make glibc reuse freed memory instead of returning it to the OS (no mmap, no trim).
+
+    By default each large tensor is a fresh mmap whose pages the kernel faults in and zeroes on first
+    write: that costs more than the copy itself (8 ms against 1.5 ms for the 2d case) and would hide the
+    differences being measured. Returns False when the C library is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
