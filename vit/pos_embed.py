@@ -46,20 +46,17 @@ def sincos_embed(
     """Fixed sinusoidal table (N, dim) for a row-major grid, float32.
 
     The ``dim // 2`` frequency pairs are split between the axes as RoPE splits them
-    (`ndrope.split_pairs`); axis ``a`` with ``m`` pairs uses the ladder ``theta ** (-k / m)``.
+    (`ndrope.axial_frequencies`); axis ``a`` with ``m`` pairs uses the ladder ``theta ** (-k / m)``.
     Channel ``j < dim // 2`` holds ``sin`` of pair ``j``'s angle, channel ``dim // 2 + j`` its ``cos``:
     the MAE 2D table up to a fixed permutation of channels. Integer positions, so a larger grid
     extends the table rather than stretching it.
     """
     if dim % 2:
         raise ValueError(f"dim={dim} must be even for a sin/cos embedding")
-    pairs = ndrope.split_pairs(dim // 2, len(grid_shape))
+    freqs = ndrope.axial_frequencies(dim, len(grid_shape), theta=theta).to(device)  # (A, dim // 2)
     positions = ndrope.grid(grid_shape, device=device)  # (N, A)
-    columns = []
-    for axis, size in enumerate(pairs):
-        ladder = theta ** (-torch.arange(size, dtype=torch.float32, device=device) / size)
-        columns.append(positions[:, axis, None] * ladder)  # elementwise, so TF32 matmuls cannot round it
-    angles = torch.cat(columns, dim=-1)  # (N, dim // 2)
+    # one non-zero per column, so the sum is exact; elementwise, so TF32 matmuls cannot round it
+    angles = (positions[:, :, None] * freqs).sum(dim=1)  # (N, dim // 2)
     return torch.cat((angles.sin(), angles.cos()), dim=-1)
 
 
