@@ -295,14 +295,17 @@ def write_report(
     out = Path(out_dir)
     paths = {"md": out / "report.md", "json": out / "report.json", "png": out / "plot.png"}
     environment = f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {platform.machine()}"
+    cpu_time_s = time.process_time()  # all threads of this process: a load-independent cost measure
     md = (
-        f"# {title}\n\nCommand: `{command}`\n\nWall time: {wall_time_s:.0f} s ({environment})\n\n"
+        f"# {title}\n\nCommand: `{command}`\n\nWall time: {wall_time_s:.0f} s, process CPU time: "
+        f"{cpu_time_s:.0f} s ({environment})\n\n"
         f"{markdown_table(columns, rows)}\n{notes.strip()}\n"
     )
     record = {
         "title": title,
         "command": command,
         "wall_time_s": round(wall_time_s, 1),
+        "cpu_time_s": round(cpu_time_s, 1),
         "environment": environment,
         "config": config,
         "columns": list(columns),

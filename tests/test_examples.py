@@ -225,29 +225,29 @@ def test_video_runs_end_to_end(fashion_root, tmp_path):
 # ----------------------------------------------------------------------------- multimodal
 
 
-def test_pairs_are_labelled_by_the_named_quadrant():
-    images = torch.arange(10)[:, None, None].expand(10, 28, 28).to(torch.uint8)  # image i is flat grey level i
+def test_questions_are_answered_by_the_named_quadrant():
+    images = torch.arange(0, 250, 25)[:, None, None].expand(10, 28, 28).to(torch.uint8)  # image i: grey 25 * i
     labels = torch.arange(10)
-    mosaics, tokens, truth, elsewhere = multimodal.make_pairs(images, labels, 200, torch.Generator().manual_seed(0))
-    assert mosaics.shape == (200, 56, 56) and tokens.shape == (200, multimodal.TEXT_LENGTH)
-    assert 0.35 < truth.float().mean() < 0.65 and elsewhere.any() and not (elsewhere & (truth == 1)).any()
-    for mosaic, words, true, other in zip(mosaics, tokens, truth, elsewhere):
+    mosaics, tokens, answers, classes = multimodal.make_questions(images, labels, 64, torch.Generator().manual_seed(0))
+    assert mosaics.shape == (64, 28, 28) and tokens.shape == (64, multimodal.TEXT_LENGTH) and classes.shape == (64, 4)
+    corners = [(0, 0), (0, 14), (14, 0), (14, 14)]
+    asked = []
+    for mosaic, words, answer, shown in zip(mosaics, tokens, answers, classes):
         words = [multimodal.VOCAB[i] for i in words]
-        named = next(w for w in words if w in common.FASHION_CLASSES)
-        row = 0 if "top" in words else 28
-        col = 0 if "left" in words else 28
-        shown = round(mosaic[row, col].item() * 255)  # the class of the garment in the named quadrant
-        assert bool(true) == (common.FASHION_CLASSES[shown] == named)
-        present = {common.FASHION_CLASSES[round(mosaic[r, c].item() * 255)] for r in (0, 28) for c in (0, 28)}
-        assert bool(other) == (not true and named in present)
+        assert words[-1] == "?"
+        row, col = (0 if "top" in words else 14), (0 if "left" in words else 14)
+        asked.append((row, col))
+        assert round(mosaic[row, col].item() * 255 / 25) == answer  # the class of the garment in that quadrant
+        assert [round(mosaic[r, c].item() * 255 / 25) for r, c in corners] == shown.tolist()
+    assert set(asked) == set(corners)
 
 
 def test_mrope_positions_follow_the_qwen_rule_and_flat_positions_count():
     make = lambda kind: multimodal.PackedClassifier(kind, dim=24, depth=1, num_heads=2, theta=100.0)  # noqa: E731
-    mrope, flat = make("mrope").token_positions(7), make("flat").token_positions(7)
-    assert mrope.shape == (71, 3) and flat.shape == (71, 1)
-    assert mrope[9].tolist() == [0, 1, 1] and mrope[64:].tolist() == [[8 + i] * 3 for i in range(7)]
-    assert flat[:, 0].tolist() == list(range(71))
+    mrope, flat = make("mrope").token_positions(5), make("flat").token_positions(5)
+    assert mrope.shape == (21, 3) and flat.shape == (21, 1)
+    assert mrope[5].tolist() == [0, 1, 1] and mrope[16:].tolist() == [[4 + i] * 3 for i in range(5)]
+    assert flat[:, 0].tolist() == list(range(21))
     assert make("mrope").freqs.shape == (3, 6) and make("flat").freqs.shape == (1, 6)
     with pytest.raises(ValueError, match="positions"):
         make("rope2d")
@@ -255,10 +255,11 @@ def test_mrope_positions_follow_the_qwen_rule_and_flat_positions_count():
 
 def test_multimodal_runs_end_to_end(fashion_root, tmp_path):
     out = tmp_path / "mm"
-    argv = ["--data-root", str(fashion_root), "--eval-pairs", "16", "--dim", "24", "--depth", "1", "--heads", "2",
+    argv = ["--data-root", str(fashion_root), "--eval-questions", "16", "--dim", "24", "--depth", "1", "--heads", "2",
             "--steps", "2", "--batch", "4", "--seeds", "0", "1", "--out", str(out)]  # fmt: skip
     multimodal.main(argv)
     report = read_report(out)
     assert [r["positions"] for r in report["rows"]] == list(multimodal.POSITIONS)
     for row in report["rows"]:
-        assert len(row["per_seed"]) == 2 and 0 <= row["all (%)"] <= 100
+        assert len(row["per_seed"]) == 2
+        assert row["correct (%)"] + row["wrong quadrant (%)"] + row["other (%)"] == pytest.approx(100.0)
