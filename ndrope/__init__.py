@@ -46,3 +46,5 @@ __all__ = [
     "rotate_reference",
     "split_pairs",
 ]
+
+from . import recipes  # noqa: E402  (named RoPE schemes; imports only torch and the names above)
