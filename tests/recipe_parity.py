@@ -28,3 +28,15 @@ def max_rel(a: Tensor, b: Tensor) -> float:
 
 def report(name: str, **errors: float) -> None:
     print("PARITY", name, " ".join(f"{k}={v:.2e}" for k, v in errors.items()))
+
+
+def float32_floor(x: Tensor) -> float:
+    """Two float32 roundings of the largest input entry: below this, float32 results are at their noise floor."""
+    return 2 * torch.finfo(torch.float32).eps * float(x.abs().max())
+
+
+def assert_no_worse_than_peer(name: str, err_ours: float, err_peer: float, x: Tensor, peer_bound: float) -> None:
+    """ndrope's float32 error is at most the peer's own (or both sit at float32's rounding floor), and the
+    peer's float32 result is close to our float64 oracle (which checks the oracle: it is our recipe)."""
+    assert err_peer <= peer_bound, f"{name}: the peer's float32 result is {err_peer:.2e} from our float64 recipe"
+    assert err_ours <= max(err_peer, float32_floor(x)), f"{name}: ndrope float32 {err_ours:.2e} > peer {err_peer:.2e}"
