@@ -170,3 +170,19 @@ def test_attention_scale_multiplies_the_rotated_channels_only():
 def test_bad_arguments_name_themselves(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_readme_recipes_example_runs():
+    """The README's "Coming from another RoPE" block runs as written and gives the shapes its comments state."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL) if "from ndrope import recipes" in b)
+    namespace: dict = {}
+    exec(block, namespace)
+    assert namespace["q"].shape == (1, 8, 1024, 64)
+    assert namespace["rotation"][0].shape == (1024, 32)
+    assert namespace["positions"].shape == (1, 13, 3) and namespace["deltas"].shape == (1,)
+    assert namespace["cos"].shape == (1, 1, 13, 64)
+    assert namespace["patches"].shape == (196, 2)
