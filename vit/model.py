@@ -348,12 +348,42 @@ class NDRopeVisionTransformer(VisionTransformer):
             )
         if x.shape[1] != self.in_chans:
             raise ValueError(f"x has {x.shape[1]} channels (shape {tuple(x.shape)}) but in_chans={self.in_chans}")
+        if x.shape[0] == 0:
+            raise ValueError(f"x has shape {tuple(x.shape)}: a batch of 0 samples; pass at least one")
         spatial, patch = tuple(x.shape[2:]), tuple(self.patch_embed.patch_size)
+        if min(spatial) == 0:
+            raise ValueError(f"x has shape {tuple(x.shape)}: spatial size {spatial} has an empty axis")
+        weight = self.patch_embed.proj.weight
+        if not x.is_floating_point():
+            raise TypeError(
+                f"x has dtype {x.dtype}; the model takes floating-point images (e.g. x.float() / 255 for uint8 pixels)"
+            )
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"x has dtype {x.dtype} but the model's weights are {weight.dtype}: cast one to the other "
+                f"(x.to({weight.dtype}) or model.to({x.dtype})), or run under torch.autocast"
+            )
         if not self.patch_embed.dynamic_img_pad and any(size % p for size, p in zip(spatial, patch)):
             nearest = tuple(max(p, size // p * p) for size, p in zip(spatial, patch))
             raise ValueError(
                 f"input size {spatial} is not a multiple of patch_size={patch}: use e.g. {nearest}, "
                 f"or build the model with dynamic_img_pad=True to zero-pad"
+            )
+
+    def _check_attn_mask(self, attn_mask: Tensor, batch: int, tokens: int) -> None:
+        expected = (batch, self.num_heads, tokens, tokens)
+        if not isinstance(attn_mask, Tensor):
+            raise TypeError(f"attn_mask must be a Tensor broadcastable to (B, H, k + N, k + N) = {expected}")
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            raise TypeError(f"attn_mask has dtype {attn_mask.dtype}; use bool (True = may attend) or an additive float bias")
+        try:
+            fits = attn_mask.dim() <= 4 and torch.broadcast_shapes(attn_mask.shape, expected) == expected
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(
+                f"attn_mask has shape {tuple(attn_mask.shape)} but must broadcast to (B, H, k + N, k + N) = {expected} "
+                f"({self.num_prefix_tokens} prefix tokens + the patches of this input)"
             )
 
     def _pos_embed(self, x: Tensor) -> Tensor:
@@ -391,6 +421,7 @@ class NDRopeVisionTransformer(VisionTransformer):
         x = self._pos_embed(x)
         ropes, bias = self.rotary_tables(grid_shape), self.attention_bias(grid_shape)
         if attn_mask is not None:
+            self._check_attn_mask(attn_mask, x.shape[0], x.shape[1])
             if attn_mask.dtype == torch.bool:  # SDPA convention: True = may attend
                 attn_mask = torch.zeros(attn_mask.shape, device=x.device).masked_fill(~attn_mask, float("-inf"))
             bias = attn_mask if bias is None else bias + attn_mask
