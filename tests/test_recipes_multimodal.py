@@ -8,7 +8,6 @@ Frequencies: `mrope` equals the rotary modules' ``recomposition_frequencies`` (s
 
 from __future__ import annotations
 
-import math
 from types import SimpleNamespace
 
 import pytest

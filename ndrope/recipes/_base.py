@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Sequence, get_args
+from typing import Literal, Sequence
 
 import torch
 from torch import Tensor
 
+from .. import Layout, augment_positions
 from .. import angles as _angles
-from .. import augment_positions
 from .._checks import check_choice, check_shape, check_tensor
 
-Layout = Literal["half", "interleaved"]
 #: How a grid turns into coordinates: integer indices, ``linspace(-1, 1)`` per axis (timm / rotary-embedding-torch
 #: "pixel"), or patch centres normalised to [-1, 1] (DINOv3).
 GridKind = Literal["index", "pixel", "centered"]
@@ -45,9 +44,9 @@ class Coordinates:
     indexing: Indexing = "ij"
 
     def __post_init__(self) -> None:
-        check_choice("kind", self.kind, get_args(GridKind))
-        check_choice("normalize", self.normalize, get_args(Normalize))
-        check_choice("indexing", self.indexing, get_args(Indexing))
+        check_choice("kind", self.kind, GridKind)
+        check_choice("normalize", self.normalize, Normalize)
+        check_choice("indexing", self.indexing, Indexing)
         if self.reference_shape is not None:
             object.__setattr__(self, "reference_shape", check_shape("reference_shape", self.reference_shape))
         if isinstance(self.offset, bool) or not isinstance(self.offset, (int, float)) or not math.isfinite(self.offset):
@@ -104,7 +103,7 @@ class RopeRecipe:
 
     def __post_init__(self) -> None:
         check_tensor("freqs", self.freqs, min_rank=2)
-        check_choice("layout", self.layout, get_args(Layout))
+        check_choice("layout", self.layout, Layout)
         if not math.isfinite(self.attention_scale) or self.attention_scale <= 0:
             raise ValueError(f"attention_scale={self.attention_scale!r} must be a positive finite number")
 
@@ -142,12 +141,7 @@ class RopeRecipe:
         modulo 2*pi in float64 first, so large positions keep their accuracy).
         """
         check_tensor("positions", positions, min_rank=2)
-        if dtype is None:
-            dtype = torch.float64 if positions.dtype == torch.float64 else torch.float32
-        theta = _angles(positions.to(torch.float64), self.freqs.to(device=positions.device, dtype=torch.float64))
-        if dtype != torch.float64:
-            theta = torch.remainder(theta + math.pi, 2 * math.pi) - math.pi
-        return theta.to(dtype)
+        return _angles(positions, self.freqs.to(positions.device), dtype=dtype)
 
     def rotation(self, positions: Tensor, *, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
         """(cos, sin), each (..., N, P), times ``attention_scale``: the rotation `ndrope.apply_rotary` takes."""

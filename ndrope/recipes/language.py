@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from .._checks import check_int, check_positive_float
+from .._checks import check_int, check_number
 from ._base import RopeRecipe, ladder
 
 
@@ -42,7 +42,7 @@ def standard(head_dim: int, *, theta: float = 10000.0, partial_rotary_factor: fl
 
     ``F[0, j] = theta ** (-2j / dim)``, ``dim = int(head_dim * partial_rotary_factor)``.
     """
-    theta = check_positive_float("theta", theta)
+    theta = check_number("theta", theta)
     return _text(_ladder_for(_rotary_dim(head_dim, partial_rotary_factor), theta))
 
 
@@ -50,7 +50,7 @@ def linear(
     head_dim: int, *, factor: float, theta: float = 10000.0, partial_rotary_factor: float = 1.0
 ) -> RopeRecipe:
     """Position interpolation (kaiokendev; Chen et al. 2023): the ladder divided by ``factor`` (``rope_type="linear"``)."""
-    factor = check_positive_float("factor", factor)
+    factor = check_number("factor", factor)
     return _text(standard(head_dim, theta=theta, partial_rotary_factor=partial_rotary_factor).freqs[0] / factor)
 
 
@@ -69,8 +69,8 @@ def dynamic_ntk(
     ``L = max(seq_len, max_position_embeddings)``: no change up to the trained length. transformers recomputes
     this whenever the sequence grows past its cache; call the recipe again with the new ``seq_len``.
     """
-    theta = check_positive_float("theta", theta)
-    factor = check_positive_float("factor", factor)
+    theta = check_number("theta", theta)
+    factor = check_number("factor", factor)
     check_int("max_position_embeddings", max_position_embeddings)
     dim = _rotary_dim(head_dim, partial_rotary_factor)
     length = max_position_embeddings if seq_len is None else max(int(seq_len), max_position_embeddings)
@@ -102,13 +102,13 @@ def yarn(
     given (DeepSeek). ``factor=None`` means ``max_position_embeddings / original_max_position_embeddings``.
     As in transformers, ``beta_fast`` / ``beta_slow`` of 0 fall back to 32 / 1.
     """
-    theta = check_positive_float("theta", theta)
+    theta = check_number("theta", theta)
     check_int("original_max_position_embeddings", original_max_position_embeddings)
     if factor is None:
         if max_position_embeddings is None:
             raise ValueError("yarn needs factor, or max_position_embeddings to derive it")
         factor = max_position_embeddings / original_max_position_embeddings
-    factor = check_positive_float("factor", factor)
+    factor = check_number("factor", factor)
     dim = _rotary_dim(head_dim, partial_rotary_factor)
 
     def get_mscale(scale: float, m: float = 1.0) -> float:
@@ -149,8 +149,8 @@ def llama3(
 ) -> RopeRecipe:
     """Llama 3.1's scaling (``rope_type="llama3"``): wavelengths above ``L / low_freq_factor`` are divided by
     ``factor``, those below ``L / high_freq_factor`` kept, and a smooth blend between (L the original context)."""
-    theta = check_positive_float("theta", theta)
-    factor = check_positive_float("factor", factor)
+    theta = check_number("theta", theta)
+    factor = check_number("factor", factor)
     if not high_freq_factor > low_freq_factor:
         raise ValueError(f"high_freq_factor={high_freq_factor} must exceed low_freq_factor={low_freq_factor}")
     inv_freq = _ladder_for(_rotary_dim(head_dim, partial_rotary_factor), theta)
@@ -184,7 +184,7 @@ def longrope(
     ``attention_scale`` defaults to ``sqrt(1 + log(factor) / log(original_max_position_embeddings))`` (1 if
     factor <= 1), with ``factor`` defaulting to ``max_position_embeddings / original_max_position_embeddings``.
     """
-    theta = check_positive_float("theta", theta)
+    theta = check_number("theta", theta)
     check_int("original_max_position_embeddings", original_max_position_embeddings)
     dim = _rotary_dim(head_dim, partial_rotary_factor)
     if factor is None:
@@ -212,8 +212,8 @@ def p_rope(head_dim: int, fraction: float, *, theta: float = 10000.0, factor: fl
     Unlike ``partial_rotary_factor`` the ladder keeps its full-width exponents ``2j / head_dim`` and all
     ``head_dim // 2`` pairs stay in F (the zero ones rotate by 0).
     """
-    theta = check_positive_float("theta", theta)
-    factor = check_positive_float("factor", factor)
+    theta = check_number("theta", theta)
+    factor = check_number("factor", factor)
     check_int("head_dim", head_dim, minimum=2)
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction={fraction!r} must be in [0, 1]")

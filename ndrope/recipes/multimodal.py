@@ -9,12 +9,12 @@ three coordinates are equal, so text is exactly 1D RoPE.
 from __future__ import annotations
 
 import itertools
-from typing import Literal, Sequence, get_args
+from typing import Literal, Sequence
 
 import torch
 from torch import Tensor
 
-from .._checks import check_choice, check_int, check_positive_float
+from .._checks import check_choice, check_int, check_number
 from ._base import RopeRecipe
 from .language import standard
 
@@ -77,7 +77,7 @@ def video_temporal_bands(
     frequencies). ``zero_temporal=True`` sets those temporal pairs to zero frequency, as HoPE (Li et al. 2025,
     https://arxiv.org/abs/2505.20444) does for its temporal channels: they then carry no position at all.
     """
-    theta = check_positive_float("theta", theta)
+    theta = check_number("theta", theta)
     base = standard(head_dim, theta=theta).freqs[0]
     pairs = base.numel()
     check_int("temporal_pairs", temporal_pairs, minimum=0)
@@ -132,8 +132,8 @@ def qwen_vl_positions(
         unpadded length): decoding token i of a sequence (counted without padding) sits at ``i + rope_deltas``
         on every axis (`qwen_vl_decode_positions`).
     """
-    check_choice("version", version, get_args(QwenVersion))
-    check_choice("text_advance", text_advance, get_args(TextAdvance))
+    check_choice("version", version, QwenVersion)
+    check_choice("text_advance", text_advance, TextAdvance)
     check_int("spatial_merge_size", spatial_merge_size)
     types = torch.as_tensor(mm_token_type_ids)
     if types.dim() != 2:

@@ -8,12 +8,12 @@ rotary-embedding-torch do, and each recipe carries its peer's channel layout and
 from __future__ import annotations
 
 import math
-from typing import Literal, get_args
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from .._checks import check_choice, check_int, check_positive_float, check_tensor
+from .._checks import check_choice, check_int, check_number, check_tensor
 from ._base import Coordinates, Indexing, Normalize, RopeRecipe, block_axial, ladder
 
 FreqsFor = Literal["lang", "pixel"]
@@ -58,7 +58,7 @@ def timm_axial(
     if in_pixels:
         band = pixel_bands(bands, float(max_res), linear_bands=linear_bands)
     else:
-        band = ladder(bands, check_positive_float("theta", theta), denominator=2 * bands)
+        band = ladder(bands, check_number("theta", theta), denominator=2 * bands)
     coords = Coordinates(
         kind="pixel" if in_pixels else "index",
         reference_shape=ref_feat_shape,
@@ -105,7 +105,7 @@ def rope_mixed_init(
     check_int("depth", depth)
     if head_dim % 4:
         raise ValueError(f"head_dim={head_dim} must be divisible by 4 for RoPE-Mixed")
-    theta = check_positive_float("theta", theta)
+    theta = check_number("theta", theta)
     magnitude = 1.0 / theta ** (torch.arange(0, head_dim, 4, dtype=torch.float64) / head_dim)
     angle = torch.rand(depth, num_heads, 1, generator=generator, dtype=torch.float64) * 2 * math.pi
     fx = torch.cat([magnitude * torch.cos(angle), magnitude * torch.cos(angle + math.pi / 2)], dim=-1)
@@ -134,12 +134,12 @@ def dinov3(
     """
     bands = _bands_per_axis(head_dim, 2)
     if min_period is not None and max_period is not None:
-        low, high = check_positive_float("min_period", min_period), check_positive_float("max_period", max_period)
+        low, high = check_number("min_period", min_period), check_number("max_period", max_period)
         periods = low * (high / low) ** torch.linspace(0, 1, bands, dtype=torch.float64)
     elif theta is None:
         raise ValueError("dinov3 needs theta, or both min_period and max_period")
     else:
-        periods = check_positive_float("theta", theta) ** (2.0 * torch.arange(bands, dtype=torch.float64) / (head_dim // 2))
+        periods = check_number("theta", theta) ** (2.0 * torch.arange(bands, dtype=torch.float64) / (head_dim // 2))
     band = 2 * math.pi / periods
     coords = Coordinates(kind="centered", offset=grid_offset, normalize=normalize, indexing=indexing)
     return RopeRecipe(block_axial([band, band]), "half" if rotate_half else "interleaved", 1.0, coords)
@@ -162,14 +162,14 @@ def rotary_embedding_torch(
     ``"pixel"``: ``pi * linspace(1, max_freq / 2, dim // 2)``, on ``linspace(-1, 1)`` coordinates for axial grids.
     ``interpolate_factor`` divides 1D positions (the library ignores it for axial grids). Layout "interleaved".
     """
-    check_choice("freqs_for", freqs_for, get_args(FreqsFor))
+    check_choice("freqs_for", freqs_for, FreqsFor)
     check_int("dim", dim, minimum=2)
     check_int("n_axes", n_axes)
-    interpolate_factor = check_positive_float("interpolate_factor", interpolate_factor)
+    interpolate_factor = check_number("interpolate_factor", interpolate_factor)
     if interpolate_factor < 1.0:
         raise ValueError(f"interpolate_factor={interpolate_factor} must be >= 1")
     if freqs_for == "lang":
-        base = check_positive_float("theta", theta) * theta_rescale_factor ** (dim / (dim - 2))
+        base = check_number("theta", theta) * theta_rescale_factor ** (dim / (dim - 2))
         band = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float64)[: dim // 2] / dim)
     else:
         band = torch.linspace(1.0, max_freq / 2, dim // 2, dtype=torch.float64) * math.pi
