@@ -18,7 +18,8 @@ import ndrope
 from ndrope import recipes
 from recipe_parity import F32_FREQ_RTOL, F64_TOL, assert_no_worse_than_peer, max_abs, max_rel, report
 
-transformers = pytest.importorskip("transformers")
+# 5.18: the first release whose rope API these tests call, with Qwen2.5-VL time steps not truncated to int (5.17)
+transformers = pytest.importorskip("transformers", minversion="5.18")
 from transformers import GPTNeoXConfig  # noqa: E402
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
 from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXRotaryEmbedding, apply_rotary_pos_emb  # noqa: E402

@@ -17,7 +17,8 @@ import ndrope
 from ndrope import recipes
 from recipe_parity import F32_FREQ_RTOL, F64_TOL, assert_no_worse_than_peer, max_abs, max_rel, report
 
-transformers = pytest.importorskip("transformers")
+# 5.18: the first release whose rope API these tests call, with Qwen2.5-VL time steps not truncated to int (5.17)
+transformers = pytest.importorskip("transformers", minversion="5.18")
 from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig  # noqa: E402
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel  # noqa: E402
 from transformers.models.qwen2_vl.modeling_qwen2_vl import (  # noqa: E402

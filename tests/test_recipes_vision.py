@@ -8,6 +8,7 @@ against our float64 oracle, our error is no larger than the peer's own.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ timm_sincos = pytest.importorskip("timm.layers.pos_embed_sincos")
 ret = pytest.importorskip("rotary_embedding_torch")
 
 HEAD_DIM = 16
+TIMM_VERSION = tuple(int(p) for p in pytest.importorskip("timm").__version__.split(".")[:3])
 
 
 def rand(*shape, seed=0, dtype=torch.float64):
@@ -64,6 +66,8 @@ TIMM_AXIAL = {
 @pytest.mark.parametrize("name", list(TIMM_AXIAL))
 def test_timm_axial_recipes_match_timm(name):
     kwargs, make, exact_shape, shape = TIMM_AXIAL[name]
+    if "rotate_half" in kwargs and "rotate_half" not in inspect.signature(timm_sincos.RotaryEmbeddingCat).parameters:
+        pytest.skip("timm < 1.0.30: RotaryEmbeddingCat has no rotate_half (half layout)")
     recipe = make()
     half = kwargs.get("rotate_half", False)
     module = timm_sincos.RotaryEmbeddingCat(HEAD_DIM, **kwargs)
@@ -120,7 +124,8 @@ def test_rope_mixed_matches_timm(indexing):
 DINOV3 = {
     "dinov3_separate": (dict(temperature=100.0), lambda: recipes.dinov3(HEAD_DIM), (4, 8), (5, 7)),
     "dinov3_max_periods_xy": (
-        dict(temperature=None, min_period=0.5, max_period=40.0, normalize_coords="max", grid_indexing="xy"),
+        # min/max periods win over temperature in timm and in the recipe (timm < 1.0.31 needs a temperature)
+        dict(temperature=100.0, min_period=0.5, max_period=40.0, normalize_coords="max", grid_indexing="xy"),
         lambda: recipes.dinov3(HEAD_DIM, theta=None, min_period=0.5, max_period=40.0, normalize="max", indexing="xy"),
         (4, 8), (6, 5),
     ),
@@ -134,6 +139,8 @@ DINOV3 = {
 @pytest.mark.parametrize("name", list(DINOV3))
 def test_dinov3_matches_timm(name):
     kwargs, make, exact_shape, shape = DINOV3[name]
+    if kwargs.get("grid_indexing") == "xy" and TIMM_VERSION < (1, 0, 31):
+        pytest.skip("timm < 1.0.31: RotaryEmbeddingDinoV3(grid_indexing='xy') kept (h, w) coordinates")
     recipe = make()
     half = kwargs.get("rotate_half", True)
     module32 = timm_sincos.RotaryEmbeddingDinoV3(HEAD_DIM, **kwargs)

@@ -127,6 +127,8 @@ def qwen_vl_positions(
             default 1), ``"qwen3_vl"`` (each video frame is its own (1, h, w) grid; the processor separates
             frames by timestamp text tokens, which carry the time).
         text_advance: ``"max_hw"`` (transformers >= 5.3) or ``"max_position"`` (4.x); see `TextAdvance`.
+            (transformers 5.x before 5.18, 5.17 at least, truncated ``second_per_grid_t`` to an int, so 0.5 s
+            put every frame at one time; this follows 4.x and 5.18+, which keep the fraction.)
     Returns:
         positions (B, N, 3) int64 (t, h, w) per token, and rope_deltas (B,) int64 (largest position + 1 minus the
         unpadded length): decoding token i of a sequence (counted without padding) sits at ``i + rope_deltas``

@@ -52,7 +52,8 @@ def timm_axial(
     Each axis gets ``head_dim // (2 * n_axes)`` bands ``theta ** (-k / bands)`` (``in_pixels=True``: timm's pixel
     bands, with ``linspace(-1, 1)`` coordinates). ``ref_feat_shape`` rescales a grid to span the pretraining grid
     (EVA-02's interpolation); ``grid_offset`` is added before that rescale. Layout "interleaved", or "half" with
-    ``rotate_half=True``. (timm always uses ``dim // 4`` bands per axis; that equals ours for the 2D it supports.)
+    ``rotate_half=True`` (timm >= 1.0.30). (timm always uses ``dim // 4`` bands per axis; that equals ours for the
+    2D it supports.)
     """
     bands = _bands_per_axis(head_dim, n_axes)
     if in_pixels:
@@ -131,6 +132,8 @@ def dinov3(
     ``theta ** (k / (head_dim // 4))``, or ``min_period * (max_period / min_period) ** linspace(0, 1)`` when both
     bounds are given. Layout "half" (DINOv3's), or "interleaved" with ``rotate_half=False``. Train-time
     augmentation: ``recipe.positions(shape, shift=..., jitter=..., rescale=...)`` (`ndrope.augment_positions`).
+    DINOv3 itself uses (h, w) coordinates (``indexing="ij"``); ``"xy"`` swaps them as timm >= 1.0.31 does
+    (earlier timm releases kept (h, w) for DINOv3 whatever ``grid_indexing`` said).
     """
     bands = _bands_per_axis(head_dim, 2)
     if min_period is not None and max_period is not None:
