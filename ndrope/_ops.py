@@ -21,6 +21,7 @@ least x's precision), unit stride on the last dim.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -164,6 +165,11 @@ class Rotate(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         return _backward(ctx, grad)
+
+
+# Function.apply binds the arguments to forward's signature on every call; inspect.signature returns a
+# precomputed __signature__ at once instead of rebuilding it (tens of microseconds per rotation).
+Rotate.forward.__signature__ = inspect.signature(Rotate.forward)
 
 
 @rotate.register_vmap
