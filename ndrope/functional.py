@@ -193,17 +193,17 @@ def angles(positions: Tensor, freqs: Tensor, *, dtype: torch.dtype | None = None
     pos, fr = positions.to(wide), freqs.to(wide)
     if fr.dim() == 3:
         pos = pos.unsqueeze(-3)  # (..., 1, N, A) against (H, A, P)
-    theta = pos @ fr
+    phase = pos @ fr
     if dtype != torch.float64 and wide == torch.float64:
-        theta = torch.remainder(theta + math.pi, 2 * math.pi) - math.pi
-    return theta.to(dtype)
+        phase = torch.remainder(phase + math.pi, 2 * math.pi) - math.pi
+    return phase.to(dtype)
 
 
-def cos_sin(angles: Tensor) -> tuple[Tensor, Tensor]:
-    """The (cos, sin) pair of angles (..., N, P): compute once per forward and share between layers."""
-    check_tensor("angles", angles, min_rank=1)
-    check_floating("angles", angles)
-    return torch.cos(angles), torch.sin(angles)
+def cos_sin(phase: Tensor) -> tuple[Tensor, Tensor]:
+    """The (cos, sin) pair of angles ``phase`` (..., N, P): compute once per forward, share between layers."""
+    check_tensor("phase", phase, min_rank=1)
+    check_floating("phase", phase)
+    return torch.cos(phase), torch.sin(phase)
 
 
 def _as_cos_sin(rotation: Rotation) -> tuple[Tensor, Tensor]:
