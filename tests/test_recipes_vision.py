@@ -80,14 +80,15 @@ def test_timm_axial_recipes_match_timm(name):
     build = {k: v for k, v in kwargs.items() if k not in ("temperature", "max_res", "linear_bands")}
     sin, cos = timm_sincos.build_rotary_pos_embed(list(exact_shape), bands=bands, dtype=torch.float64, **build)
     x = rand(2, 3, exact_shape[0] * exact_shape[1], HEAD_DIM)
-    f64 = max_abs(ours_rotate(same, x, same.positions(exact_shape)), timm_sincos.apply_rot_embed(x, sin, cos, half=half))
+    theirs = timm_sincos.apply_rot_embed(x, sin, cos, half=half)
+    f64 = max_abs(ours_rotate(same, x, same.positions(exact_shape)), theirs)
     assert f64 <= F64_TOL, f"{name}: float64 rotation differs by {f64:.2e}"
 
     # float32 end to end on a grid whose rescaled coordinates are not exact in float32
     x = rand(2, 3, shape[0] * shape[1], HEAD_DIM, seed=1)
     oracle = ours_rotate(recipe, x, recipe.positions(shape))
     peer32 = timm_rotate(x.float(), module.get_embed(list(shape)), half)
-    ours32 = ours_rotate(recipe, x.float(), recipe.positions(shape), dtype=torch.float32)  # exact coordinates, float32 rotation
+    ours32 = ours_rotate(recipe, x.float(), recipe.positions(shape), dtype=torch.float32)  # float64 coords in
     err_ours, err_peer = max_abs(ours32, oracle), max_abs(peer32, oracle)
     assert_no_worse_than_peer(name, err_ours, err_peer, x, 1e-4)
     report(name, freq_rel=freq_rel, f64_abs=f64, f32_ndrope=err_ours, f32_timm=err_peer)
@@ -114,7 +115,7 @@ def test_rope_mixed_matches_timm(indexing):
     x = rand(2, heads, shape[0] * shape[1], HEAD_DIM)
     oracle = ours_rotate(recipe, x, recipe.positions(shape))
     peer32 = timm_rotate(x.float(), module.get_embed(list(shape))[1].detach(), False)
-    ours32 = ours_rotate(recipe, x.float(), recipe.positions(shape), dtype=torch.float32)  # exact coordinates, float32 rotation
+    ours32 = ours_rotate(recipe, x.float(), recipe.positions(shape), dtype=torch.float32)  # float64 coords in
     err_ours, err_peer = max_abs(ours32, oracle), max_abs(peer32, oracle)
     assert_no_worse_than_peer(indexing, err_ours, err_peer, x, 1e-4)
     report(f"rope_mixed_{indexing}", init_f64_abs=init_err, f32_ndrope=err_ours, f32_timm=err_peer)
@@ -162,7 +163,7 @@ def test_dinov3_matches_timm(name):
     x = rand(2, 3, shape[0] * shape[1], HEAD_DIM, seed=1)
     oracle = ours_rotate(recipe, x, recipe.positions(shape))
     peer32 = timm_rotate(x.float(), module32.get_embed(list(shape)), half)
-    ours32 = ours_rotate(recipe, x.float(), recipe.positions(shape), dtype=torch.float32)  # exact coordinates, float32 rotation
+    ours32 = ours_rotate(recipe, x.float(), recipe.positions(shape), dtype=torch.float32)  # float64 coords in
     err_ours, err_peer = max_abs(ours32, oracle), max_abs(peer32, oracle)
     assert_no_worse_than_peer(name, err_ours, err_peer, x, 1e-4)
     report(name, freq_rel=freq_rel, f64_abs=f64, f32_ndrope=err_ours, f32_timm=err_peer)
@@ -219,7 +220,7 @@ def test_rotary_embedding_torch_matches(name):
     assert f64 <= F64_TOL, f"{name}: float64 rotation differs by {f64:.2e}"
     oracle = ours_rotate(recipe, x, recipe.positions(shape))
     peer32 = peer(module, x.float())
-    ours32 = ours_rotate(recipe, x.float(), recipe.positions(shape), dtype=torch.float32)  # exact coordinates, float32 rotation
+    ours32 = ours_rotate(recipe, x.float(), recipe.positions(shape), dtype=torch.float32)  # float64 coords in
     err_ours, err_peer = max_abs(ours32, oracle), max_abs(peer32, oracle)
     assert_no_worse_than_peer(name, err_ours, err_peer, x, 1e-4)
     report(name, freq_rel=freq_rel, f64_abs=f64, f32_ndrope=err_ours, f32_rotary_embedding_torch=err_peer)
@@ -248,3 +249,27 @@ def test_coordinates_law():
 def test_bad_arguments_name_themselves(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: recipes.dinov3(HEAD_DIM),
+        lambda: recipes.timm_axial(HEAD_DIM, ref_feat_shape=(8, 8)),
+        lambda: recipes.rope_mixed(recipes.rope_mixed_init(HEAD_DIM, 3)[:, 0]),
+    ],
+)
+def test_recipe_plugs_into_rotary_embedding(make):
+    """The module route (what a ViT holds): ``RotaryEmbedding.from_frequencies`` with the recipe's F and layout,
+    fed the recipe's coordinates, rotates exactly as the recipe's float32 rotation (the module's table dtype) does;
+    prefix tokens stay unrotated."""
+    recipe = make()
+    rope = ndrope.RotaryEmbedding.from_frequencies(recipe.freqs, layout=recipe.layout)
+    positions = recipe.positions((5, 7))
+    q = rand(2, 3, 1 + 35, HEAD_DIM)
+    k = rand(2, 3, 1 + 35, HEAD_DIM, seed=1)
+    q_rot, k_rot = rope(q, k, positions)
+    assert torch.equal(q_rot[..., 0, :], q[..., 0, :])
+    f32 = torch.float32
+    assert max_abs(q_rot[..., 1:, :], ours_rotate(recipe, q[..., 1:, :], positions, dtype=f32)) <= F64_TOL
+    assert max_abs(k_rot[..., 1:, :], ours_rotate(recipe, k[..., 1:, :], positions, dtype=f32)) <= F64_TOL

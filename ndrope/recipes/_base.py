@@ -53,7 +53,11 @@ class Coordinates:
             raise ValueError(f"offset={self.offset!r} must be a finite number")
 
     def __call__(
-        self, shape: int | Sequence[int], *, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
+        self,
+        shape: int | Sequence[int],
+        *,
+        dtype: torch.dtype = torch.float64,
+        device: torch.device | str | None = None,
     ) -> Tensor:
         shape = check_shape("shape", shape)
         reference = self.reference_shape
@@ -83,7 +87,7 @@ class Coordinates:
         return positions.to(dtype)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class RopeRecipe:
     """A RoPE scheme as ``ndrope`` consumes it.
 

@@ -49,7 +49,8 @@ def standard(head_dim: int, *, theta: float = 10000.0, partial_rotary_factor: fl
 def linear(
     head_dim: int, *, factor: float, theta: float = 10000.0, partial_rotary_factor: float = 1.0
 ) -> RopeRecipe:
-    """Position interpolation (kaiokendev; Chen et al. 2023): the ladder divided by ``factor`` (``rope_type="linear"``)."""
+    """Position interpolation (kaiokendev; Chen et al. 2023, https://arxiv.org/abs/2306.15595): the ladder
+    divided by ``factor`` (``rope_type="linear"``)."""
     factor = check_number("factor", factor)
     return _text(standard(head_dim, theta=theta, partial_rotary_factor=partial_rotary_factor).freqs[0] / factor)
 

@@ -141,7 +141,9 @@ def qwen_vl_positions(
     if types.dim() != 2:
         raise ValueError(f"mm_token_type_ids must be (B, N), got shape {tuple(types.shape)}")
     if attention_mask is not None and tuple(attention_mask.shape) != tuple(types.shape):
-        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match mm_token_type_ids {tuple(types.shape)}")
+        raise ValueError(
+            f"attention_mask {tuple(attention_mask.shape)} must match mm_token_type_ids {tuple(types.shape)}"
+        )
     images = iter(_grids(image_grid_thw, "image_grid_thw"))
     videos = _grids(video_grid_thw, "video_grid_thw")
     if version == "qwen3_vl":

@@ -28,7 +28,8 @@ def _bands_per_axis(head_dim: int, n_axes: int) -> int:
 
 
 def pixel_bands(bands: int, max_res: float, *, linear_bands: bool = True) -> Tensor:
-    """Pixel-mode bands (bands,) of timm: ``pi * linspace(1, max_res / 2)`` or ``pi * 2 ** linspace(0, log2(max_res) - 1)``."""
+    """timm's pixel-mode bands (bands,): ``pi * linspace(1, max_res / 2)`` (linear) or
+    ``pi * 2 ** linspace(0, log2(max_res) - 1)``."""
     if linear_bands:
         return torch.linspace(1.0, max_res / 2, bands, dtype=torch.float64) * math.pi
     return 2 ** torch.linspace(0, math.log(max_res, 2) - 1, bands, dtype=torch.float64) * math.pi
