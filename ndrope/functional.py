@@ -136,10 +136,14 @@ def ntk_scaled_frequencies(freqs: Tensor, scale: Sequence[float]) -> Tensor:
     check_tensor("freqs", freqs, min_rank=2)
     check_floating("freqs", freqs)
     n_axes = freqs.shape[-2]
+    if n_axes == 0:
+        raise ValueError(f"freqs {tuple(freqs.shape)} has no axes; it must be (A, P) or (H, A, P) with A >= 1")
     if isinstance(scale, (str, bytes)) or not isinstance(scale, Sequence) or len(scale) != n_axes:
         raise ValueError(f"scale={scale!r} must be a sequence of {n_axes} numbers, one per axis of freqs {tuple(freqs.shape)}")
     for value in scale:
         check_number("scale entry", value)
+    if freqs.shape[-1] == 0:
+        return freqs.clone()
     wide = freqs.to(torch.float64)
     log_scale = torch.log(torch.tensor(scale, dtype=torch.float64, device=freqs.device).clamp(min=1.0))
     magnitude = wide.square().sum(dim=-2)  # (..., P): squared column norms
@@ -208,6 +212,7 @@ def cos_sin(phase: Tensor) -> tuple[Tensor, Tensor]:
 
 def _as_cos_sin(rotation: Rotation) -> tuple[Tensor, Tensor]:
     if isinstance(rotation, Tensor):
+        check_floating("rotation", rotation)
         return cos_sin(rotation)
     if isinstance(rotation, (tuple, list)) and len(rotation) == 2 and all(isinstance(t, Tensor) for t in rotation):
         cos, sin = rotation
@@ -277,4 +282,6 @@ def apply_rotary(x: Tensor, rotation: Rotation, *, layout: Layout = "half") -> T
         x = x.contiguous()
     if rows != tuple(x.shape[:-1]):
         x = x.expand(*rows, x.shape[-1])
+    if torch.jit.is_tracing():  # TorchScript records the op itself, not a Python autograd.Function
+        return _ops.rotate(x, cos, sin, layout == "interleaved", False)
     return _ops.Rotate.apply(x, cos, sin, layout == "interleaved", False)

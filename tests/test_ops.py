@@ -310,17 +310,6 @@ class TestTransforms:
         reference = torch.func.jacrev(expected, argnums=(0, 1))(x, theta)
         torch.testing.assert_close(ours, reference, atol=1e-12, rtol=1e-12)
 
-    def test_jvp_matches_the_formula(self):
-        """Forward-mode AD (torch.func.jvp, and hessian = jacfwd(jacrev)) needs a jvp rule."""
-        g = torch.Generator().manual_seed(7)
-        x, theta = torch.randn(2, 3, 6, generator=g, dtype=torch.float64), torch.randn(3, 2, generator=g, dtype=torch.float64)
-        tangents = (torch.randn(2, 3, 6, generator=g, dtype=torch.float64), torch.randn(3, 2, generator=g, dtype=torch.float64))
-        _, ours = torch.func.jvp(lambda x, t: ndrope.apply_rotary(x, t), (x, theta), tangents)
-        _, reference = torch.func.jvp(expected, (x, theta), tangents)
-        torch.testing.assert_close(ours, reference, atol=1e-12, rtol=1e-12)
-        hessian = torch.func.hessian(lambda t: ndrope.apply_rotary(x, t).square().sum())(theta)
-        torch.testing.assert_close(hessian, torch.func.hessian(lambda t: expected(x, t).square().sum())(theta), atol=1e-10, rtol=1e-10)
-
     @param("in_dims", [(0, None), (None, 0), (0, 0), (1, 0)], ids=["x", "angles", "both", "x_dim1"])
     def test_vmap_matches_a_loop(self, in_dims):
         g = torch.Generator().manual_seed(3)

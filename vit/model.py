@@ -25,7 +25,7 @@ from timm.models._manipulate import checkpoint
 from torch import Tensor, nn
 
 import ndrope
-from ndrope._checks import check_choice, choices
+from ndrope._checks import check_choice, check_int, check_number, choices
 from ndrope.functional import Rotation
 from ndrope.modules import ResolutionMode
 from ndrope.positions import check_augmentation
@@ -216,7 +216,24 @@ class NDRopeVisionTransformer(VisionTransformer):
         mode = DEFAULT_RESOLUTION_MODE if rope_resolution_mode is None else rope_resolution_mode
         check_choice("rope_resolution_mode", mode, ResolutionMode)
         check_choice("weight_init", weight_init, WeightInit)
-        shift, jitter, rescale = check_augmentation(rope_shift, rope_jitter, rope_rescale)
+        shift, jitter, rescale = check_augmentation(
+            rope_shift, rope_jitter, rope_rescale, names=("rope_shift", "rope_jitter", "rope_rescale")
+        )
+        if rope_theta is not None:
+            check_number("rope_theta", rope_theta)
+        check_int("reg_tokens", reg_tokens, minimum=0)
+        check_number("patch_drop_rate", patch_drop_rate, minimum=0.0, inclusive=True)
+        if patch_drop_rate >= 1.0:
+            raise ValueError(f"patch_drop_rate={patch_drop_rate!r} must be in [0, 1): it is the fraction of patches dropped")
+        for name, rate in (
+            ("drop_rate", drop_rate),
+            ("pos_drop_rate", pos_drop_rate),
+            ("proj_drop_rate", proj_drop_rate),
+            ("attn_drop_rate", attn_drop_rate),
+            ("drop_path_rate", drop_path_rate),
+        ):
+            if check_number(name, rate, minimum=0.0, inclusive=True) > 1.0:
+                raise ValueError(f"{name}={rate!r} must be a probability in [0, 1]")
         for name, layer, base in (("attn_layer", attn_layer, RopeAttention), ("block_fn", block_fn, RopeBlock)):
             if not (isinstance(layer, type) and issubclass(layer, base)):
                 raise ValueError(
@@ -374,6 +391,10 @@ class NDRopeVisionTransformer(VisionTransformer):
         expected = (batch, self.num_heads, tokens, tokens)
         if not isinstance(attn_mask, Tensor):
             raise TypeError(f"attn_mask must be a Tensor broadcastable to (B, H, k + N, k + N) = {expected}")
+        if attn_mask.device != self.patch_embed.proj.weight.device:
+            raise ValueError(
+                f"attn_mask is on {attn_mask.device} but the model is on {self.patch_embed.proj.weight.device}"
+            )
         if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
             raise TypeError(f"attn_mask has dtype {attn_mask.dtype}; use bool (True = may attend) or an additive float bias")
         try:
