@@ -30,15 +30,10 @@ def _copy(theta: Tensor, dtype: torch.dtype) -> Apply:
     return lambda q, k: (q * 1.5, k * 1.5)
 
 
-def _ndrope(layout: str, backend: str) -> Callable[[Tensor, torch.dtype], Apply]:
+def _ndrope(layout: str) -> Callable[[Tensor, torch.dtype], Apply]:
     def make(theta: Tensor, dtype: torch.dtype) -> Apply:
         cos_sin = ndrope.cos_sin(theta)
-
-        def apply(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-            with ndrope._kernels.use_backend(backend):
-                return ndrope.apply_rotary(q, cos_sin, layout=layout), ndrope.apply_rotary(k, cos_sin, layout=layout)
-
-        return apply
+        return lambda q, k: (ndrope.apply_rotary(q, cos_sin, layout=layout), ndrope.apply_rotary(k, cos_sin, layout=layout))
 
     return make
 
@@ -97,15 +92,10 @@ def _compiled(theta: Tensor, dtype: torch.dtype) -> Apply:
 
 
 COPY = Peer("copy bound (q * 1.5, k * 1.5)", "-", _copy)
-#: ndrope as `apply_rotary` runs by default (the targets), then its fallback and reference paths
-NDROPE_DEFAULT = (
-    Peer("ndrope half", "half", _ndrope("half", "auto")),
-    Peer("ndrope interleaved", "interleaved", _ndrope("interleaved", "auto")),
-)
+#: ndrope's `apply_rotary` (the registered op; the C++ kernel on CPU when it builds)
 NDROPE = (
-    *NDROPE_DEFAULT,
-    Peer("ndrope half, torch fallback", "half", _ndrope("half", "torch")),
-    Peer("ndrope half, reference", "half", _ndrope("half", "reference")),
+    Peer("ndrope half", "half", _ndrope("half")),
+    Peer("ndrope interleaved", "interleaved", _ndrope("interleaved")),
 )
 COMPLEX = Peer("complex (view_as_complex)", "interleaved", _complex)
 COMPILED = Peer("torch.compile(rotate_half)", "half", _compiled)

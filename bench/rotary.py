@@ -8,7 +8,6 @@ import torch
 from torch import Tensor
 
 import ndrope
-from ndrope.functional import rotate_reference
 
 from . import peers
 from .timing import measure
@@ -52,8 +51,9 @@ def _check(peer: peers.Peer, apply: peers.Apply, q: Tensor, k: Tensor, cos_sin: 
         return
     with torch.no_grad():
         got = apply(q, k)
+    exact = tuple(t.double() for t in cos_sin)
     for x, out in zip((q, k), got):
-        expected = rotate_reference(x, *cos_sin, peer.layout)
+        expected = ndrope.apply_rotary(x.double(), exact, layout=peer.layout)  # float64: the peers must agree
         error = (out.float() - expected.float()).abs().max().item()
         if error > (1e-4 if q.dtype == torch.float32 else 0.1):
             raise RuntimeError(f"{peer.name} disagrees with ndrope's reference ({peer.layout}): max error {error:.3g}")
@@ -65,8 +65,8 @@ def run(shapes: Sequence[str], dtypes: Sequence[str], repeats: int, compile_peer
     candidates = [peers.COPY, *peers.NDROPE, *(p for p in peers.PEERS if compile_peer or p is not peers.COMPILED)]
     for shape_name in shapes:
         shape, grid_shape = SHAPES[shape_name]
-        rope = ndrope.RotaryEmbedding(shape[-1], n_axes=len(grid_shape), theta=100.0)
-        theta = rope.angles(grid_shape)  # (N, P) float32, shared by heads and batch
+        freqs = ndrope.axial_frequencies(shape[-1], len(grid_shape), theta=100.0)
+        theta = ndrope.angles(ndrope.grid(grid_shape), freqs)  # (N, P) float32, shared by heads and batch
         cos_sin = ndrope.cos_sin(theta)
         for dtype_name in dtypes:
             dtype = DTYPES[dtype_name]
@@ -101,11 +101,11 @@ def run(shapes: Sequence[str], dtypes: Sequence[str], repeats: int, compile_peer
 
 
 def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's targets: forward within 1.25x of the copy bound; forward+backward within 1.25x of
-    the best of (complex form, torch.compile of rotate_half)."""
+    """The targets: forward within 1.25x of the copy bound; forward+backward no slower than the best of
+    (complex form, torch.compile of rotate_half)."""
     found = []
     table = {(r["shape"], r["dtype"], r["passes"], r["method"]): r for r in rows}
-    default_methods = [peer.name for peer in peers.NDROPE_DEFAULT]
+    default_methods = [peer.name for peer in peers.NDROPE]
     for shape, dtype, passes, method in table:
         if method not in default_methods:
             continue
@@ -121,7 +121,7 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         found.append(
             dict(
                 shape=shape, dtype=dtype, passes=passes, method=method, versus=bound_name,
-                ratio=mine / bound, met=mine / bound <= 1.25,
+                ratio=mine / bound, met=mine / bound <= (1.25 if passes == "forward" else 1.0),
             )
         )
     return found

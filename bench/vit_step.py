@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import ndrope
+import ndrope._ops
 
 from .timing import measure
 
@@ -18,7 +19,7 @@ CONFIGS: dict[str, tuple[dict[str, int], int]] = {
     "small-224": (dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6, num_classes=1000), 8),
 }
 POS_EMBEDS = ("learned", "rope_axial", "rope_mixed")
-LIMITS = {"rope_axial": 1.05, "rope_mixed": 1.10}  # the issue's step-time budget vs "learned"
+LIMITS = {"rope_axial": 1.05, "rope_mixed": 1.10}  # step-time budget vs "learned"
 
 
 def unavailable() -> str | None:
@@ -27,18 +28,15 @@ def unavailable() -> str | None:
         import vit
     except ImportError as error:
         return f"the vit package is not importable yet ({error})"
-    if not hasattr(vit, "create_vit"):
-        return "vit.create_vit does not exist yet"
     return None
 
 
 @contextlib.contextmanager
 def _counting(counts: dict[str, int]) -> Iterator[None]:
-    """Count angle tables built (`RotaryEmbedding.angles`) and rotations applied (either backend)."""
+    """Count rotation tables built (`RotaryEmbedding.rotation`) and rotations applied (the ``ndrope::rotate`` op)."""
     patched = [
-        (ndrope.modules.RotaryEmbedding, "angles", "angle tables"),
-        (ndrope._kernels, "rotate", "rotations"),
-        (ndrope.functional, "rotate_reference", "rotations"),
+        (ndrope.modules.RotaryEmbedding, "rotation", "angle tables"),
+        (ndrope._ops, "rotate", "rotations"),
     ]
     originals = [getattr(owner, attr) for owner, attr, _ in patched]
 

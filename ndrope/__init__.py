@@ -1,33 +1,27 @@
-"""ndrope: rotary position encodings in any number of dimensions.
+"""ndrope: rotary position encodings in any number of dimensions. Its only dependency is torch.
 
-Functional core in `ndrope.functional` and `ndrope.positions`; `RotaryEmbedding` is the module.
-Depends only on torch and einops.
+Pure functions do the mathematics (`ndrope.functional`, `ndrope.positions`); `RotaryEmbedding` holds
+frequencies and answers "the rotation for these positions"; the rotation itself is one registered op,
+``ndrope::rotate`` (a one-pass C++ kernel on CPU).
 """
 
 from .functional import (
-    LAYOUTS,
     Layout,
     Rotation,
     angles,
     apply_rotary,
     axial_frequencies,
     cos_sin,
-    ladder_fraction,
     mixed_frequencies,
     ntk_scaled_frequencies,
-    rotate_reference,
-    split_pairs,
 )
-from .modules import KINDS, RESOLUTION_MODES, Kind, Positions, ResolutionMode, RotaryEmbedding
+from .modules import RESOLUTION_MODES, Positions, ResolutionMode, RotaryEmbedding
 from .positions import augment_positions, grid, multimodal_positions
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "LAYOUTS",
-    "KINDS",
     "RESOLUTION_MODES",
-    "Kind",
     "Layout",
     "Positions",
     "ResolutionMode",
@@ -39,10 +33,9 @@ __all__ = [
     "axial_frequencies",
     "cos_sin",
     "grid",
-    "ladder_fraction",
     "mixed_frequencies",
     "multimodal_positions",
     "ntk_scaled_frequencies",
-    "rotate_reference",
-    "split_pairs",
 ]
+
+from . import recipes  # noqa: E402  (named RoPE schemes; imports only torch and the names above)

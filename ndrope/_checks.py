@@ -1,12 +1,25 @@
-"""Argument validation shared by the public functions: every error names the argument and its value."""
+"""Argument validation shared by ndrope and vit: every error names the argument, its value and what is accepted."""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Sequence, get_args
 
 import torch
 from torch import Tensor
+
+
+def choices(literal: Any) -> tuple[str, ...]:
+    """The accepted strings of a ``Literal[...]`` type: the one source of truth for each string option."""
+    return tuple(get_args(literal))
+
+
+def check_choice(name: str, value: Any, literal: Any) -> str:
+    """``value`` if it is one of the strings of ``literal`` (a ``Literal[...]`` type), else ValueError."""
+    accepted = choices(literal)
+    if not isinstance(value, str) or value not in accepted:
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {list(accepted)}")
+    return value
 
 
 def check_int(name: str, value: Any, *, minimum: int = 1) -> int:
@@ -24,18 +37,15 @@ def check_even_dim(name: str, value: Any) -> int:
     return value
 
 
-def check_positive_float(name: str, value: Any) -> float:
+def check_number(name: str, value: Any, *, minimum: float | None = 0.0, inclusive: bool = False) -> float:
+    """A finite real number, > ``minimum`` (>= with ``inclusive``; any finite number when minimum is None)."""
+    bound = "" if minimum is None else (f" >= {minimum}" if inclusive else f" > {minimum}")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}={value!r} must be a positive finite number")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name}={value} must be a positive finite number")
+        raise TypeError(f"{name}={value!r} must be a finite number{bound}")
+    below = minimum is not None and (value < minimum or (value == minimum and not inclusive))
+    if not math.isfinite(value) or below:
+        raise ValueError(f"{name}={value!r} must be a finite number{bound}")
     return float(value)
-
-
-def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not supported; choose one of {list(choices)}")
-    return value
 
 
 def check_shape(name: str, value: Any) -> tuple[int, ...]:
@@ -60,9 +70,28 @@ def check_tensor(name: str, value: Any, *, min_rank: int = 1) -> Tensor:
     return value
 
 
+def check_real(name: str, value: Tensor) -> Tensor:
+    """An integer or floating tensor (not bool, not complex)."""
+    if value.is_complex() or value.dtype == torch.bool:
+        raise TypeError(f"{name} must be a real (integer or floating) tensor, got dtype {value.dtype}")
+    return value
+
+
+def check_floating(name: str, value: Tensor) -> Tensor:
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+    return value
+
+
+def check_same_device(name: str, value: Tensor, other_name: str, other: Tensor) -> None:
+    if value.device != other.device:
+        raise ValueError(f"{name} is on {value.device} but {other_name} is on {other.device}; put them on one device")
+
+
 def check_finite(name: str, value: Tensor) -> Tensor:
-    """Reject NaN/inf; skipped while tracing so torch.compile sees no data-dependent branch."""
-    if torch.compiler.is_compiling() or not value.is_floating_point():
+    """Reject NaN/inf. Skipped while tracing (no data-dependent branch for torch.compile) and for
+    tensors without data (meta, fake)."""
+    if torch.compiler.is_compiling() or not value.is_floating_point() or value.device.type == "meta":
         return value
     if not bool(torch.isfinite(value).all()):
         raise ValueError(f"{name} contains non-finite values (NaN or inf); positions must be finite")

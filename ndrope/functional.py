@@ -17,21 +17,29 @@ from typing import Literal, Sequence, Union
 import torch
 from torch import Tensor
 
-from . import _kernels
-from ._checks import check_choice, check_even_dim, check_finite, check_int, check_positive_float, check_tensor
+from . import _ops
+from ._checks import (
+    check_choice,
+    check_even_dim,
+    check_finite,
+    check_floating,
+    check_int,
+    check_number,
+    check_real,
+    check_same_device,
+    check_tensor,
+)
 
+#: Channel pairing: ``"half"`` rotates (j, j + P) (GPT-NeoX, Llama in transformers), ``"interleaved"``
+#: rotates (2j, 2j + 1) (Meta's complex form). They agree up to a fixed permutation of the channels.
 Layout = Literal["half", "interleaved"]
-LAYOUTS: tuple[str, ...] = ("half", "interleaved")
 #: What `apply_rotary` rotates by: angles (..., N, P), or their precomputed (cos, sin) pair.
 Rotation = Union[Tensor, tuple[Tensor, Tensor]]
 
 
-def split_pairs(pairs: int, n_axes: int, axis_dims: Sequence[int] | None = None) -> tuple[int, ...]:
-    """How many of the ``pairs`` channel pairs each axis gets.
-
-    By default as evenly as possible; when ``pairs`` is not divisible by ``n_axes`` the last axes get
-    one pair more (for video ``(t, h, w)`` the spatial axes, which carry the finer structure).
-    """
+def _split_pairs(pairs: int, n_axes: int, axis_dims: Sequence[int] | None) -> tuple[int, ...]:
+    """How many of the ``pairs`` channel pairs each axis gets: as even as possible, the last axes
+    getting one more (for video (t, h, w) the spatial axes), unless ``axis_dims`` says otherwise."""
     check_int("n_axes", n_axes)
     if axis_dims is None:
         if pairs < n_axes:
@@ -48,9 +56,9 @@ def split_pairs(pairs: int, n_axes: int, axis_dims: Sequence[int] | None = None)
     return axis_dims
 
 
-def _ladder(size: int, theta: float) -> Tensor:
-    """``theta ** (-k / size)`` for k < size: the 1D ladder ``1 / theta^(2i/d)`` with d = 2 * size."""
-    return theta ** (-torch.arange(size, dtype=torch.float64) / size)
+def _ladder(size: int, theta: float, device: torch.device | str | None) -> Tensor:
+    """``theta ** (-k / size)`` for k < size, in float64: the 1D ladder ``1 / theta^(2i/d)`` with d = 2 * size."""
+    return theta ** (-torch.arange(size, dtype=torch.float64, device=device) / size)
 
 
 def axial_frequencies(
@@ -59,20 +67,23 @@ def axial_frequencies(
     *,
     theta: float = 10000.0,
     axis_dims: Sequence[int] | None = None,
-    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float64,
 ) -> Tensor:
-    """Axis-separated frequency matrix F (A, D // 2): axis ``a`` owns a contiguous block of pairs.
+    """Axis-separated frequency matrix F (A, D // 2): axis ``a`` owns a contiguous block of pairs with
+    its own ladder ``theta ** (-k / m_a)``.
 
     ``axis_dims`` gives the number of pairs per axis (must add up to ``dim // 2``). With ``n_axes=1``
-    this is exactly the 1D RoPE of Su et al. (Llama uses ``theta=500000``, ViTs often 100).
+    this is exactly the 1D RoPE of Su et al. (Llama uses ``theta=500000``, ViTs often 100). float64 by
+    default: rounding F to float32 costs 3e-3 rad at position 1e5; `angles` computes in float64 anyway.
     """
     check_even_dim("dim", dim)
-    theta = check_positive_float("theta", theta)
-    sizes = split_pairs(dim // 2, n_axes, axis_dims)
-    freqs = torch.zeros(n_axes, dim // 2, dtype=torch.float64)
+    theta = check_number("theta", theta)
+    sizes = _split_pairs(dim // 2, n_axes, axis_dims)
+    freqs = torch.zeros(n_axes, dim // 2, dtype=torch.float64, device=device)
     start = 0
     for axis, size in enumerate(sizes):
-        freqs[axis, start : start + size] = _ladder(size, theta)
+        freqs[axis, start : start + size] = _ladder(size, theta, device)
         start += size
     return freqs.to(dtype)
 
@@ -85,75 +96,90 @@ def mixed_frequencies(
     theta: float = 10.0,
     axis_dims: Sequence[int] | None = None,
     generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """RoPE-Mixed initialisation (H, A, D // 2), generalised from 2D to any number of axes.
 
-    Per head, a random orthonormal basis of the A-dimensional position space is drawn (Haar); pair
-    block ``i`` gets the frequency vectors ``ladder[k] * basis[i]``. In 2D this is Heo et al.'s init:
-    directions ``phi`` and ``phi + pi/2`` with magnitudes ``theta ** (-4k / dim)``. Wrap the result in
-    an ``nn.Parameter`` to learn it.
+    Per head, a random orthonormal basis of the A-dimensional position space is drawn (Haar); the
+    block of pairs of direction ``i`` gets the frequency vectors ``ladder[k] * basis[:, i]``. In 2D the
+    basis is a rotation or a reflection, so the two directions are ``phi`` and ``phi + pi/2`` or
+    ``phi - pi/2`` (both orientations occur; as axes of a rotation they are equivalent), with
+    magnitudes ``theta ** (-k / m)``: Heo et al.'s initialisation. Wrap it in an ``nn.Parameter``
+    (or use `RotaryEmbedding.mixed`) to learn it. Drawn on the CPU (``generator`` is a CPU generator).
     """
     check_even_dim("dim", dim)
     check_int("num_heads", num_heads)
-    theta = check_positive_float("theta", theta)
-    sizes = split_pairs(dim // 2, n_axes, axis_dims)
+    theta = check_number("theta", theta)
+    sizes = _split_pairs(dim // 2, n_axes, axis_dims)
     gaussian = torch.randn(num_heads, n_axes, n_axes, generator=generator, dtype=torch.float64)
     basis, upper = torch.linalg.qr(gaussian)
     basis = basis * torch.sign(torch.diagonal(upper, dim1=-2, dim2=-1)).unsqueeze(-2)  # Haar, not QR-biased
-    columns = []
-    for direction, size in enumerate(sizes):
-        columns.append(basis[:, :, direction, None] * _ladder(size, theta))  # (H, A, size)
-    return torch.cat(columns, dim=-1).to(dtype)
+    columns = [basis[:, :, direction, None] * _ladder(size, theta, None) for direction, size in enumerate(sizes)]
+    return torch.cat(columns, dim=-1).to(device=device, dtype=dtype)
 
 
-def ladder_fraction(sizes: Sequence[int], dtype: torch.dtype = torch.float32) -> Tensor:
-    """Per pair (P,), its place ``k / (m - 1)`` in its axis's ladder of m pairs: 0 = fastest, 1 = slowest."""
-    parts = [torch.arange(m, dtype=torch.float64) / max(m - 1, 1) for m in sizes]
-    return torch.cat(parts).to(dtype)
-
-
-def ntk_scaled_frequencies(freqs: Tensor, scale: Sequence[float], fraction: Tensor) -> Tensor:
+def ntk_scaled_frequencies(freqs: Tensor, scale: Sequence[float]) -> Tensor:
     """NTK-aware rescaling of ``theta`` for a grid ``scale`` times the training grid, per axis.
 
-    For one axis with m pairs, ``theta' = theta * s ** (m / (m - 1))`` turns pair k's frequency into
-    ``f_k * s ** (-k / (m - 1))``: the fastest pair keeps its frequency, the slowest is divided by s.
-    A mixed column uses the scales of the axes it points along (weights ``F[a, j]^2 / |F[:, j]|^2``),
-    which is exact for axial ``F``. Scales below 1 are clamped to 1 (no shrinking when the grid is
-    smaller than the training grid).
+    For one axis whose ladder has m pairs, ``theta' = theta * s ** (m / (m - 1))`` turns pair k's
+    frequency into ``f_k * s ** (-k / (m - 1))``: the fastest pair keeps its frequency, the slowest is
+    divided by s. A pair's place ``k / (m - 1)`` is read off the magnitudes,
+    ``log(f_max / f_k) / log(f_max / f_min)`` among the pairs of its axis (its largest component), which
+    is exact for `axial_frequencies` and follows the ladder of each direction for `mixed_frequencies`.
+    A mixed column uses the scales of the axes it points along (weights ``F[a, j]^2 / |F[:, j]|^2``).
+    Scales below 1 are clamped to 1 (no shrinking for grids smaller than the training grid);
+    zero-frequency pairs stay zero.
 
-    Args: freqs (A, P) or (H, A, P); scale: A numbers; fraction (P,) from `ladder_fraction`.
+    Args: freqs (A, P) or (H, A, P); scale: A positive finite numbers. Returns freqs' shape and dtype.
     """
     check_tensor("freqs", freqs, min_rank=2)
-    if len(scale) != freqs.shape[-2]:
-        raise ValueError(f"scale={tuple(scale)} must have one entry per axis ({freqs.shape[-2]})")
-    log_scale = torch.log(torch.tensor(scale, dtype=freqs.dtype, device=freqs.device).clamp(min=1.0))
-    weight = freqs.square() / freqs.square().sum(dim=-2, keepdim=True).clamp(min=torch.finfo(freqs.dtype).tiny)
+    check_floating("freqs", freqs)
+    n_axes = freqs.shape[-2]
+    if n_axes == 0:
+        raise ValueError(f"freqs {tuple(freqs.shape)} has no axes; it must be (A, P) or (H, A, P) with A >= 1")
+    if isinstance(scale, (str, bytes)) or not isinstance(scale, Sequence) or len(scale) != n_axes:
+        raise ValueError(f"scale={scale!r} must be a sequence of {n_axes} numbers, one per axis of freqs {tuple(freqs.shape)}")
+    for value in scale:
+        check_number("scale entry", value)
+    if freqs.shape[-1] == 0:
+        return freqs.clone()
+    wide = freqs.to(torch.float64)
+    log_scale = torch.log(torch.tensor(scale, dtype=torch.float64, device=freqs.device).clamp(min=1.0))
+    magnitude = wide.square().sum(dim=-2)  # (..., P): squared column norms
+    nonzero = magnitude > 0
+    weight = wide.square() / magnitude.clamp(min=torch.finfo(torch.float64).tiny).unsqueeze(-2)
     column_log_scale = (weight * log_scale[:, None]).sum(dim=-2)  # (..., P)
-    factor = torch.exp(-fraction.to(freqs) * column_log_scale)
-    return freqs * factor.unsqueeze(-2)
+    log_magnitude = 0.5 * torch.log(magnitude.clamp(min=torch.finfo(torch.float64).tiny))
+    owner = wide.abs().argmax(dim=-2)  # (..., P): the axis each pair points along most
+    fraction = torch.zeros_like(magnitude)
+    for axis in range(n_axes):
+        member = (owner == axis) & nonzero
+        high = torch.where(member, log_magnitude, -math.inf).amax(dim=-1, keepdim=True)
+        low = torch.where(member, log_magnitude, math.inf).amin(dim=-1, keepdim=True)
+        span = (high - low).clamp(min=1e-300)
+        fraction = torch.where(member & (high > low), (high - log_magnitude) / span, fraction)
+    factor = torch.exp(-fraction * column_log_scale)
+    return (wide * factor.unsqueeze(-2)).to(freqs.dtype)
 
 
-def _angle_dtype(positions: Tensor, freqs: Tensor) -> torch.dtype:
-    return torch.float64 if torch.float64 in (positions.dtype, freqs.dtype) else torch.float32
-
-
-def angles(positions: Tensor, freqs: Tensor, *, check_finite_positions: bool = True) -> Tensor:
+def angles(positions: Tensor, freqs: Tensor, *, dtype: torch.dtype | None = None) -> Tensor:
     """Rotation angles ``positions @ F``.
 
     Args:
-        positions: (..., N, A) coordinates (any real dtype).
+        positions: (..., N, A) coordinates (any real dtype), on freqs' device.
         freqs: (A, P) shared by all heads, or (H, A, P) per head.
-        check_finite_positions: reject NaN/inf positions; this costs a device sync on GPU, so
-            callers whose positions are finite by construction (`grid`) may skip it.
+        dtype: the result's dtype; default float64 for float64 positions, float32 otherwise.
     Returns:
         (..., N, P) for shared freqs, (..., H, N, P) for per-head freqs; broadcastable against
-        q/k of shape (B, H, N, D). float64 when either input is float64. Otherwise float32, computed
-        in float64 and reduced modulo 2*pi first, so positions up to ~1e7 keep ~1e-7 rad accuracy
-        (plain float32 would lose ~1e-2 rad at 1e5); the rotation is unchanged by the reduction.
+        q/k of shape (B, H, N, D). Always computed in float64; a float32 result is first reduced
+        modulo 2*pi, so it is within ~4e-7 rad of the exact angle at any position up to ~1e9 (with
+        float64 freqs: float32 freqs are themselves off by ~3e-8 relative).
     """
     check_tensor("positions", positions, min_rank=2)
     check_tensor("freqs", freqs, min_rank=2)
+    check_real("positions", positions)
+    check_floating("freqs", freqs)
     if freqs.dim() > 3:
         raise ValueError(f"freqs must be (A, P) or (H, A, P), got shape {tuple(freqs.shape)}")
     if positions.shape[-1] != freqs.shape[-2]:
@@ -161,100 +187,101 @@ def angles(positions: Tensor, freqs: Tensor, *, check_finite_positions: bool = T
             f"positions has {positions.shape[-1]} coordinates per token (shape {tuple(positions.shape)}) but "
             f"freqs has n_axes={freqs.shape[-2]} (shape {tuple(freqs.shape)}); they must match"
         )
-    if positions.is_complex() or positions.dtype == torch.bool:
-        raise TypeError(f"positions must be a real (integer or floating) tensor, got dtype {positions.dtype}")
-    if check_finite_positions:
-        check_finite("positions", positions)
-    out_dtype = _angle_dtype(positions, freqs)
-    wide = torch.float64 if positions.device.type != "mps" else torch.float32
-    pos = positions.to(wide)
-    fr = freqs.to(wide)
+    check_same_device("positions", positions, "freqs", freqs)
+    check_finite("positions", positions)
+    if dtype is None:
+        dtype = torch.float64 if positions.dtype == torch.float64 else torch.float32
+    elif not dtype.is_floating_point:
+        raise TypeError(f"dtype={dtype} must be a floating-point dtype")
+    wide = torch.float64 if positions.device.type != "mps" else torch.float32  # MPS has no float64
+    pos, fr = positions.to(wide), freqs.to(wide)
     if fr.dim() == 3:
         pos = pos.unsqueeze(-3)  # (..., 1, N, A) against (H, A, P)
-    theta = pos @ fr
-    if out_dtype == torch.float32 and wide == torch.float64:
-        theta = torch.remainder(theta + math.pi, 2 * math.pi) - math.pi
-    return theta.to(out_dtype)
+    phase = pos @ fr
+    if dtype != torch.float64 and wide == torch.float64:
+        phase = torch.remainder(phase + math.pi, 2 * math.pi) - math.pi
+    return phase.to(dtype)
 
 
-def cos_sin(angles: Tensor) -> tuple[Tensor, Tensor]:
-    """The (cos, sin) pair of ``angles``, to compute once per forward and share between layers."""
-    check_tensor("angles", angles, min_rank=1)
-    if not angles.is_floating_point():
-        raise TypeError(f"angles must be a floating-point tensor, got dtype {angles.dtype}")
-    return torch.cos(angles), torch.sin(angles)
+def cos_sin(phase: Tensor) -> tuple[Tensor, Tensor]:
+    """The (cos, sin) pair of angles ``phase`` (..., N, P): compute once per forward, share between layers."""
+    check_tensor("phase", phase, min_rank=1)
+    check_floating("phase", phase)
+    return torch.cos(phase), torch.sin(phase)
 
 
 def _as_cos_sin(rotation: Rotation) -> tuple[Tensor, Tensor]:
     if isinstance(rotation, Tensor):
+        check_floating("rotation", rotation)
         return cos_sin(rotation)
     if isinstance(rotation, (tuple, list)) and len(rotation) == 2 and all(isinstance(t, Tensor) for t in rotation):
         cos, sin = rotation
+        check_floating("cos", cos)
+        check_floating("sin", sin)
         if cos.shape != sin.shape:
             raise ValueError(f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must have the same shape")
+        check_same_device("sin", sin, "cos", cos)
         return cos, sin
-    raise TypeError(f"angles must be a Tensor of angles or a (cos, sin) pair of Tensors, got {type(rotation).__name__}")
+    raise TypeError(
+        f"rotation must be a Tensor of angles or a (cos, sin) pair of Tensors, got {type(rotation).__name__}"
+    )
 
 
-def check_rotation_shapes(x: Tensor, cos: Tensor) -> None:
-    """Validate that (..., N, P) cos/sin fits x (..., N, D): 2P <= D, same N, broadcastable batch."""
+def _output_rows(x: Tensor, cos: Tensor) -> tuple[int, ...]:
+    """The rows (..., N) of the result; validates that cos (..., N, P) fits x (..., N, D)."""
     check_tensor("x", x, min_rank=2)
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    check_floating("x", x)
     if cos.dim() < 2:
-        raise ValueError(f"angles must be (..., N, P), got shape {tuple(cos.shape)}")
+        raise ValueError(f"the rotation must be (..., N, P), got shape {tuple(cos.shape)}")
     pairs, head_dim = cos.shape[-1], x.shape[-1]
     if 2 * pairs > head_dim:
         raise ValueError(
-            f"angles rotate {pairs} pairs = {2 * pairs} channels but x has only D={head_dim} channels "
-            f"(x shape {tuple(x.shape)}, angles shape {tuple(cos.shape)})"
+            f"the rotation turns {pairs} pairs = {2 * pairs} channels but x has only D={head_dim} channels "
+            f"(x shape {tuple(x.shape)}, rotation shape {tuple(cos.shape)})"
         )
     if cos.shape[-2] not in (1, x.shape[-2]):
         raise ValueError(
-            f"angles are for {cos.shape[-2]} tokens but x has N={x.shape[-2]} tokens "
-            f"(x shape {tuple(x.shape)}, angles shape {tuple(cos.shape)})"
+            f"the rotation is for {cos.shape[-2]} tokens but x has N={x.shape[-2]} tokens "
+            f"(x shape {tuple(x.shape)}, rotation shape {tuple(cos.shape)})"
         )
+    lead_x, lead_cos = x.shape[:-2], cos.shape[:-2]
+    if len(lead_cos) <= len(lead_x) and all(c in (1, s) for c, s in zip(reversed(lead_cos), reversed(lead_x))):
+        return tuple(x.shape[:-1])  # the common case, without torch.broadcast_shapes' overhead
     try:
-        torch.broadcast_shapes(x.shape[:-2], cos.shape[:-2])
+        return (*torch.broadcast_shapes(lead_x, lead_cos), x.shape[-2])
     except RuntimeError:
         raise ValueError(
-            f"angles leading dims {tuple(cos.shape[:-2])} do not broadcast against x leading dims "
-            f"{tuple(x.shape[:-2])}; per-head angles are (H, N, P) for x (B, H, N, D)"
+            f"the rotation's leading dims {tuple(lead_cos)} do not broadcast against x's leading dims "
+            f"{tuple(lead_x)}; per-head rotations are (H, N, P) for x (B, H, N, D)"
         ) from None
 
 
-def rotate_reference(x: Tensor, cos: Tensor, sin: Tensor, layout: Layout) -> Tensor:
-    """Plain autograd implementation of the rotation; the definition every fast path is tested against."""
-    pairs = cos.shape[-1]
-    compute = torch.promote_types(torch.promote_types(x.dtype, cos.dtype), torch.float32)
-    rotated = x[..., : 2 * pairs].to(compute)
-    cos, sin = cos.to(compute), sin.to(compute)
-    if layout == "half":
-        x1, x2 = rotated[..., :pairs], rotated[..., pairs:]
-        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    else:
-        x1, x2 = rotated[..., 0::2], rotated[..., 1::2]
-        out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-    out = out.to(x.dtype)
-    if 2 * pairs < x.shape[-1]:
-        out = torch.cat((out, x[..., 2 * pairs :]), dim=-1)
-    return out
+def apply_rotary(x: Tensor, rotation: Rotation, *, layout: Layout = "half") -> Tensor:
+    """Rotate x (..., N, D) by angles (..., N, P), or by their precomputed (cos, sin) pair.
 
-
-def apply_rotary(x: Tensor, angles: Rotation, *, layout: Layout = "half") -> Tensor:
-    """Rotate x (..., N, D) by angles (..., N, P), or by a precomputed (cos, sin) pair.
-
-    Heads come before tokens, as ``F.scaled_dot_product_attention`` takes them: x (B, H, N, D) with
-    angles (N, P) shared by heads or (H, N, P) per head. Only the first ``2 * P`` channels rotate
-    (partial rotation); the rest pass through. ``layout="half"`` pairs channel j with j + P
-    (GPT-NeoX, Llama in transformers), ``layout="interleaved"`` pairs 2j with 2j + 1 (Meta's complex
-    form). Returns x's shape and dtype; the math runs in at least float32.
+    Heads come before tokens, as ``F.scaled_dot_product_attention`` takes them: x (B, H, N, D) with a
+    rotation (N, P) shared by heads or (H, N, P) per head. Only the first ``2 * P`` channels rotate
+    (partial rotation); the rest pass through. Pairs by ``layout``:
+        half:        [x_0 .. x_{P-1} | x_P .. x_{2P-1}] -> [x_j c_j - x_{j+P} s_j | x_{j+P} c_j + x_j s_j]
+        interleaved: [x_0 x_1 x_2 x_3 ..]               -> [x_0 c_0 - x_1 s_0, x_1 c_0 + x_0 s_0, ..]
+    The math runs in at least float32 (the rotation's dtype, if wider); returns x's dtype, and the
+    broadcast shape of x and the rotation (x's shape unless the rotation has more leading dims).
+    One registered op (``ndrope::rotate``): a one-pass C++ kernel on CPU whose backward saves only
+    cos/sin; ``torch.compile``, ``torch.export``, fake tensors and ``torch.func`` work through it.
     """
-    check_choice("layout", layout, LAYOUTS)
-    cos, sin = _as_cos_sin(angles)
-    check_rotation_shapes(x, cos)
-    # a one-pass kernel whose backward saves only cos/sin; NDROPE_BACKEND=reference selects the formula
-    backend = _kernels.resolve_backend(x)
-    if backend == "reference":
-        return rotate_reference(x, cos, sin, layout)
-    return _kernels.rotate(x, cos, sin, interleaved=layout == "interleaved", backend=backend)
+    check_choice("layout", layout, Layout)
+    cos, sin = _as_cos_sin(rotation)
+    rows = _output_rows(x, cos)
+    check_same_device("the rotation", cos, "x", x)
+    compute = torch.float64 if torch.float64 in (x.dtype, cos.dtype) else torch.float32  # x, cos are floating
+    if cos.dtype != compute or sin.dtype != compute:
+        cos, sin = cos.to(compute), sin.to(compute)
+    if cos.stride(-1) != 1 or sin.stride(-1) != 1:
+        cos, sin = cos.contiguous(), sin.contiguous()  # small tables; the kernels want unit-stride pairs
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if rows != tuple(x.shape[:-1]):
+        x = x.expand(*rows, x.shape[-1])
+    if torch.jit.is_tracing():  # TorchScript records the op itself, not a Python autograd.Function
+        return _ops.rotate(x, cos, sin, layout == "interleaved", False)
+    return _ops.Rotate.apply(x, cos, sin, layout == "interleaved", False)

@@ -11,7 +11,7 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor
 
-from ._checks import check_finite, check_int, check_shape, check_tensor
+from ._checks import check_finite, check_int, check_number, check_real, check_shape, check_tensor
 
 #: A multimodal segment: an int is a run of that many text tokens, a tuple is a grid shape.
 Segment = Union[int, Sequence[int]]
@@ -41,9 +41,13 @@ def grid(
         if len(reference_shape) != len(shape):
             raise ValueError(f"reference_shape={reference_shape} must have as many axes as shape={shape}")
         scale = [ref / size for ref, size in zip(reference_shape, shape)]
-    offsets = [float(offset)] * len(shape) if isinstance(offset, (int, float)) else [float(o) for o in offset]
-    if len(offsets) != len(shape) or not all(math.isfinite(o) for o in offsets):
-        raise ValueError(f"offset={offset!r} must be one finite number or one per axis of shape={shape}")
+    offsets = [offset] * len(shape) if isinstance(offset, (int, float)) else offset
+    try:
+        if isinstance(offsets, (str, bytes)) or not isinstance(offsets, Sequence) or len(offsets) != len(shape):
+            raise ValueError
+        offsets = [check_number("offset", o, minimum=None) for o in offsets]
+    except (TypeError, ValueError):
+        raise ValueError(f"offset={offset!r} must be one finite number or one per axis of shape={shape}") from None
     axes = [
         torch.arange(size, dtype=torch.float64, device=device) * step + shift
         for size, step, shift in zip(shape, scale, offsets)
@@ -107,6 +111,18 @@ def multimodal_positions(
     return torch.cat(parts, dim=0).to(dtype)
 
 
+def check_augmentation(
+    shift: float, jitter: float, rescale: float, *, names: tuple[str, str, str] = ("shift", "jitter", "rescale")
+) -> tuple[float, float, float]:
+    """Validate `augment_positions`' settings: shift >= 0, jitter >= 1, rescale >= 1 (0, 1, 1: off);
+    errors use ``names`` (a caller's own argument names)."""
+    return (
+        check_number(names[0], shift, minimum=0.0, inclusive=True),
+        check_number(names[1], jitter, minimum=1.0, inclusive=True),
+        check_number(names[2], rescale, minimum=1.0, inclusive=True),
+    )
+
+
 def augment_positions(
     positions: Tensor,
     *,
@@ -114,34 +130,36 @@ def augment_positions(
     jitter: float = 1.0,
     rescale: float = 1.0,
     generator: torch.Generator | None = None,
-    check_finite_positions: bool = True,
 ) -> Tensor:
-    """Random coordinate augmentation for training (as DINOv3 trains its RoPE); identity by default.
+    """DINOv3's train-time coordinate augmentation (https://arxiv.org/abs/2508.10104); identity by default.
 
-    Positions (..., N, A) are, with one random draw per call (shared by the batch):
-      * scaled about their centre per axis by ``exp(U(-log jitter, log jitter))`` (jitter >= 1),
-      * scaled about their centre, all axes together, by ``exp(U(-log rescale, log rescale))``,
-      * shifted per axis by ``U(-shift, shift)`` grid steps.
-    Relative offsets between patches change only through the scales; the shift moves the patches
-    relative to unrotated tokens (class token, registers). Returns the same shape, float32 at least.
-    ``check_finite_positions=False`` skips the NaN/inf check (a device sync on GPU).
+    With one random draw per call (shared by the batch), in DINOv3's order (as timm's
+    ``RotaryEmbeddingDinoV3`` does it), positions (..., N, A) become::
+
+        p' = (p + U(-shift, shift)) * exp(U(-log jitter, log jitter)) * exp(U(-log rescale, log rescale))
+             per axis                per axis                              one factor for all axes
+
+    The scaling is about the origin of the coordinates: DINOv3 centres them (coordinates in [-1, 1]),
+    so there it scales about the centre of the grid; on index grids ``0 .. n - 1`` it scales away from
+    the first patch. Relative offsets between patches change only through the scales; the shift moves
+    patches relative to unrotated tokens (class token, registers). Returns the same shape in
+    float32 at least (float64 stays float64).
     """
     check_tensor("positions", positions, min_rank=2)
-    for name, value, low in (("shift", shift, 0.0), ("jitter", jitter, 1.0), ("rescale", rescale, 1.0)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
-            raise ValueError(f"{name}={value!r} must be a finite number >= {low}")
-    n_axes = positions.shape[-1]
+    check_real("positions", positions)
+    shift, jitter, rescale = check_augmentation(shift, jitter, rescale)
     out = positions.to(torch.promote_types(positions.dtype, torch.float32))
-    if check_finite_positions:
-        check_finite("positions", out)
-    if shift == 0.0 and jitter == 1.0 and rescale == 1.0:
-        return out
+    check_finite("positions", out)
+    n_axes = out.shape[-1]
 
     def uniform(size: int, bound: float) -> Tensor:
-        return (torch.rand(size, generator=generator, dtype=torch.float64) * 2 - 1) * bound
+        draw = torch.rand(size, generator=generator, dtype=torch.float64)
+        return ((draw * 2 - 1) * bound).to(device=out.device, dtype=out.dtype)
 
-    scale = torch.exp(uniform(n_axes, math.log(jitter)) + uniform(1, math.log(rescale)))
-    offset = uniform(n_axes, shift)
-    center = out.flatten(0, -2).mean(dim=0)
-    scale, offset = scale.to(out), offset.to(out)
-    return (out - center) * scale + center + offset
+    if shift > 0.0:
+        out = out + uniform(n_axes, shift)
+    if jitter > 1.0:
+        out = out * uniform(n_axes, math.log(jitter)).exp()
+    if rescale > 1.0:
+        out = out * uniform(1, math.log(rescale)).exp()
+    return out

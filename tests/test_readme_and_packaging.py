@@ -5,8 +5,11 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import tomllib
+import venv
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -17,14 +20,40 @@ def readme_python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
 
 
-def test_ndrope_imports_only_torch_and_einops():
+def test_ndrope_imports_only_torch():
     code = (
         "import sys, ndrope\n"
-        "heavy = sorted(m for m in ('timm', 'lightning', 'torchvision', 'vit', 'training') if m in sys.modules)\n"
-        "print(heavy)\n"
+        "modules = ('timm', 'lightning', 'torchvision', 'einops', 'transformers', 'vit', 'training')\n"
+        "print(sorted(m for m in modules if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_library_install_declares_torch_alone_and_installs_only_project_names():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert [re.split(r"[<>=!~ ]", d)[0] for d in project["project"]["dependencies"]] == ["torch"]
+    assert project["tool"]["setuptools"]["packages"]["find"]["include"] == ["ndrope*", "vit*"]
+    assert "py-modules" not in project["tool"].get("setuptools", {})
+    assert "csrc/*.cpp" in project["tool"]["setuptools"]["package-data"]["ndrope"]
+
+
+@pytest.mark.slow
+def test_fresh_venv_with_only_pip_install_runs_the_readme_ndrope_example(tmp_path):
+    """`pip install .` in a new virtual environment: ndrope works, the ViT/training stack is absent."""
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=True)
+    python = env_dir / "bin" / "python"
+    subprocess.run([python, "-m", "pip", "install", "-q", str(ROOT)], check=True, cwd=tmp_path)
+    block = next(b for b in readme_python_blocks() if "class Attention" in b)
+    code = block + (
+        "\nimport importlib.util\n"
+        "assert Attention()(torch.randn(2, 1 + 14 * 14, 384), (14, 14)).shape == (2, 197, 384)\n"
+        "absent = [m for m in ('timm', 'lightning', 'torchvision', 'einops') if importlib.util.find_spec(m)]\n"
+        "print('absent-check', absent)\n"
+    )
+    out = subprocess.run([python, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert "absent-check []" in out.stdout, out.stdout + out.stderr
 
 
 def test_readme_attention_example_runs_at_two_grids():
@@ -41,7 +70,7 @@ def test_readme_vit_example_runs():
     namespace: dict = {}
     exec(block, namespace)
     assert namespace["model"](torch.randn(1, 3, 24, 24)).shape == (1, 10)
-    assert namespace["model"].rope.resolution_mode == "interpolate"
+    assert namespace["model"].rope_resolution_mode == "interpolate"
 
 
 def test_readme_multimodal_example_is_the_real_output():

@@ -23,7 +23,7 @@ from ndrope.functional import Rotation
 #: Channel pairing of the rotation, shared by the tables (`ndrope.RotaryEmbedding`) and this layer.
 #: "half" pairs channel j with j + D/2 (GPT-NeoX, Llama in transformers); for models trained from
 #: scratch the choice is a fixed permutation of channels and does not change what can be learned.
-ROPE_LAYOUT: Literal["half", "interleaved"] = "half"
+ROPE_LAYOUT: ndrope.Layout = "half"
 
 
 class RopeAttention(Attention):

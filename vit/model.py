@@ -15,18 +15,21 @@ k prefix tokens (class + registers); spatial sizes are ``img_size`` / ``grid_sha
 
 from __future__ import annotations
 
-from typing import Any, Literal, NamedTuple, Sequence
+from typing import Any, Callable, Literal, NamedTuple, Sequence
 
 import torch
-from timm.layers import PatchDropout, PatchDropoutWithIndices
+from timm.layers import Mlp, PatchDropout, PatchDropoutWithIndices, PatchEmbed
 from timm.models import VisionTransformer
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from torch import Tensor, nn
 
 import ndrope
+from ndrope.recipes import Coordinates, RopeRecipe
+from ndrope._checks import check_choice, check_int, check_number, choices
 from ndrope.functional import Rotation
 from ndrope.modules import ResolutionMode
+from ndrope.positions import check_augmentation
 
 from .attention import ROPE_LAYOUT, RopeAttention, RopeBlock
 from .patch_embed import PatchEmbedND
@@ -65,7 +68,21 @@ _ENCODINGS: dict[str, _Encoding] = {
     "none": _Encoding(None, None, False),
 }
 #: Every accepted ``pos_embed`` value.
-POS_EMBED_CHOICES: tuple[str, ...] = tuple(_ENCODINGS)
+POS_EMBED_CHOICES: tuple[str, ...] = choices(PosEmbed)
+assert set(POS_EMBED_CHOICES) == set(_ENCODINGS), "every pos_embed choice needs an encoding"
+#: `ndrope.recipes` vision schemes that ``rope_recipe`` takes by name (built for the model's head_dim)
+VisionRecipe = Literal["dinov3", "rope_axial", "timm_axial", "rotary_embedding_torch"]
+_RECIPE_BUILDERS: dict[str, Callable[[int, int], RopeRecipe]] = {  # (head_dim, ndim) -> recipe
+    "dinov3": lambda head_dim, ndim: ndrope.recipes.dinov3(head_dim),
+    "rope_axial": lambda head_dim, ndim: ndrope.recipes.rope_axial(head_dim),
+    "timm_axial": lambda head_dim, ndim: ndrope.recipes.timm_axial(head_dim, n_axes=ndim),
+    # rotary-embedding-torch gives each axis its own block of `dim` channels
+    "rotary_embedding_torch": lambda head_dim, ndim: ndrope.recipes.rotary_embedding_torch(head_dim // ndim, n_axes=ndim),
+}
+assert set(_RECIPE_BUILDERS) == set(choices(VisionRecipe)), "every named recipe needs a builder"
+#: timm's pooling choices (``global_pool``) and weight initialisations (``weight_init``).
+GlobalPool = Literal["", "avg", "avgmax", "max", "token", "map"]
+WeightInit = Literal["skip", "reset", "jax", "jax_nlhb", "moco", ""]
 #: ``pos_embed`` of the registered timm models when none is given.
 DEFAULT_POS_EMBED: PosEmbed = "rope_mixed"
 #: RoPE coordinates at a grid other than the training grid, unless ``rope_resolution_mode`` is given:
@@ -126,12 +143,23 @@ class NDRopeVisionTransformer(VisionTransformer):
         rope_theta: RoPE frequency base; default `ROPE_THETA` of the kind.
         rope_resolution_mode: RoPE coordinates at other grids, see `set_resolution_mode`;
             default `DEFAULT_RESOLUTION_MODE`.
+        rope_shift, rope_jitter, rope_rescale: DINOv3-style augmentation of the RoPE coordinates in
+            training mode (`ndrope.augment_positions`: shift in coordinate units, per-axis jitter factor,
+            shared rescale factor); off by default (0, 1, 1).
+        rope_recipe: a `ndrope.recipes` vision scheme: its name (`VisionRecipe`, e.g. ``"dinov3"``, built
+            for the head_dim), a `RopeRecipe`, or a function of head_dim returning one: its frequencies and its coordinate law (DINOv3's [-1, 1],
+            timm's pixel bands, ``xy`` order, ...) replace ``rope_theta`` and the resolution mode, at
+            every grid. Fixed with ``rope_axial``, learned per layer from its values with ``rope_mixed``.
+            The channel layout stays `ROPE_LAYOUT` (a fixed permutation: irrelevant when training).
+            By name, ``timm_axial`` and ``rotary_embedding_torch`` get one axis per ``ndim``.
         integer_norm, binary_bits: options of ``"integer"`` / ``"binary"``, see `FixedPosEmbed`.
-        **kwargs: any other `timm.models.VisionTransformer` argument (num_classes, in_chans,
-            global_pool, class_token, reg_tokens, drop_path_rate, patch_drop_rate, ...).
-            ``dynamic_img_size`` is always on; ``block_fn`` / ``attn_layer`` may only be subclasses of
-            `RopeBlock` / `RopeAttention`; ``embed_layer`` defaults to timm's `PatchEmbed` in 2D
-            (checkpoint compatible) and `PatchEmbedND` otherwise.
+        in_chans, num_classes, global_pool, mlp_ratio, qkv_bias, qk_norm, proj_bias, init_values,
+        class_token, no_embed_class, reg_tokens, pre_norm, final_norm, fc_norm, dynamic_img_pad,
+        drop_rate, pos_drop_rate, patch_drop_rate, proj_drop_rate, attn_drop_rate, drop_path_rate,
+        weight_init, norm_layer, act_layer, mlp_layer: as in `timm.models.VisionTransformer`.
+        embed_layer: default timm's `PatchEmbed` in 2D (checkpoint compatible), `PatchEmbedND` otherwise.
+        block_fn, attn_layer: `RopeBlock` / `RopeAttention` or subclasses (they take the per-forward
+            position tables). ``dynamic_img_size`` is always on.
 
     Options that belong to an encoding the model does not use (``rope_theta`` without RoPE, ...)
     are ignored, so one config can sweep ``pos_embed``.
@@ -144,19 +172,50 @@ class NDRopeVisionTransformer(VisionTransformer):
         ndim: int = 2,
         img_size: int | Sequence[int] = 224,
         patch_size: int | Sequence[int] = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: GlobalPool = "token",
         embed_dim: int = 768,
         depth: int = 12,
         num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        qk_norm: bool = False,
+        proj_bias: bool = True,
+        init_values: float | None = None,
+        class_token: bool = True,
+        no_embed_class: bool = False,
+        reg_tokens: int = 0,
+        pre_norm: bool = False,
+        final_norm: bool = True,
+        fc_norm: bool | None = None,
+        dynamic_img_pad: bool = False,
+        drop_rate: float = 0.0,
+        pos_drop_rate: float = 0.0,
+        patch_drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        weight_init: WeightInit = "",
         rope_theta: float | None = None,
         rope_resolution_mode: ResolutionMode | None = None,
+        rope_shift: float = 0.0,
+        rope_jitter: float = 1.0,
+        rope_rescale: float = 1.0,
+        rope_recipe: VisionRecipe | RopeRecipe | Callable[[int], Any] | None = None,
         integer_norm: IntegerNorm = "train",
         binary_bits: int = BINARY_BITS,
-        **kwargs: Any,
+        embed_layer: Callable[..., nn.Module] | None = None,
+        norm_layer: Callable[..., nn.Module] | None = None,
+        act_layer: Callable[..., nn.Module] | None = None,
+        block_fn: type[RopeBlock] = RopeBlock,
+        attn_layer: type[RopeAttention] = RopeAttention,
+        mlp_layer: type[nn.Module] = Mlp,
     ) -> None:
-        if pos_embed not in _ENCODINGS:
-            raise ValueError(f"pos_embed={pos_embed!r} is not supported; choose one of {list(POS_EMBED_CHOICES)}")
+        check_choice("pos_embed", pos_embed, PosEmbed)
         if isinstance(ndim, bool) or not isinstance(ndim, int) or ndim < 1:
             raise ValueError(f"ndim={ndim!r} must be a positive int (2 images, 3 video, 4 volumes over time)")
+        check_choice("global_pool", global_pool, GlobalPool)
         img_size, patch_size = _per_axis("img_size", img_size, ndim), _per_axis("patch_size", patch_size, ndim)
         if any(size % patch for size, patch in zip(img_size, patch_size)):
             raise ValueError(f"img_size={img_size} must be a multiple of patch_size={patch_size} on every axis")
@@ -173,33 +232,70 @@ class NDRopeVisionTransformer(VisionTransformer):
                 f"head_dim = embed_dim // num_heads = {head_dim} must be even and at least {2 * ndim}"
             )
         mode = DEFAULT_RESOLUTION_MODE if rope_resolution_mode is None else rope_resolution_mode
-        if mode not in ndrope.RESOLUTION_MODES:
-            raise ValueError(
-                f"rope_resolution_mode={mode!r} is not supported; choose one of {list(ndrope.RESOLUTION_MODES)}"
-            )
-        if kwargs.get("dynamic_img_size", True) is not True:
-            raise ValueError(
-                f"dynamic_img_size={kwargs['dynamic_img_size']!r} is not supported: it is always on, so that "
-                "every model runs at any multiple of the patch size"
-            )
-        for name, base in (("attn_layer", RopeAttention), ("block_fn", RopeBlock)):
-            layer = kwargs.setdefault(name, base)
+        check_choice("rope_resolution_mode", mode, ResolutionMode)
+        check_choice("weight_init", weight_init, WeightInit)
+        shift, jitter, rescale = check_augmentation(
+            rope_shift, rope_jitter, rope_rescale, names=("rope_shift", "rope_jitter", "rope_rescale")
+        )
+        if rope_theta is not None:
+            check_number("rope_theta", rope_theta)
+        check_int("reg_tokens", reg_tokens, minimum=0)
+        check_number("patch_drop_rate", patch_drop_rate, minimum=0.0, inclusive=True)
+        if patch_drop_rate >= 1.0:
+            raise ValueError(f"patch_drop_rate={patch_drop_rate!r} must be in [0, 1): it is the fraction of patches dropped")
+        for name, rate in (
+            ("drop_rate", drop_rate),
+            ("pos_drop_rate", pos_drop_rate),
+            ("proj_drop_rate", proj_drop_rate),
+            ("attn_drop_rate", attn_drop_rate),
+            ("drop_path_rate", drop_path_rate),
+        ):
+            if check_number(name, rate, minimum=0.0, inclusive=True) > 1.0:
+                raise ValueError(f"{name}={rate!r} must be a probability in [0, 1]")
+        for name, layer, base in (("attn_layer", attn_layer, RopeAttention), ("block_fn", block_fn, RopeBlock)):
             if not (isinstance(layer, type) and issubclass(layer, base)):
                 raise ValueError(
                     f"{name}={layer!r} is not supported: it must be {base.__name__} or a subclass, "
                     "which take the per-forward position tables"
                 )
-        kwargs["dynamic_img_size"] = True
-        if ndim != 2:
-            kwargs.setdefault("embed_layer", PatchEmbedND)
+        if embed_layer is None:
+            embed_layer = PatchEmbed if ndim == 2 else PatchEmbedND
         super().__init__(
             img_size=img_size,
             patch_size=patch_size,
+            in_chans=in_chans,
+            num_classes=num_classes,
+            global_pool=global_pool,
             embed_dim=embed_dim,
             depth=depth,
             num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            qk_norm=qk_norm,
+            proj_bias=proj_bias,
+            init_values=init_values,
+            class_token=class_token,
             pos_embed="learn" if encoding.absolute == "learned" else "none",
-            **kwargs,
+            no_embed_class=no_embed_class,
+            reg_tokens=reg_tokens,
+            pre_norm=pre_norm,
+            final_norm=final_norm,
+            fc_norm=fc_norm,
+            dynamic_img_size=True,  # every model runs at any multiple of the patch size
+            dynamic_img_pad=dynamic_img_pad,
+            drop_rate=drop_rate,
+            pos_drop_rate=pos_drop_rate,
+            patch_drop_rate=patch_drop_rate,
+            proj_drop_rate=proj_drop_rate,
+            attn_drop_rate=attn_drop_rate,
+            drop_path_rate=drop_path_rate,
+            weight_init=weight_init,
+            embed_layer=embed_layer,
+            norm_layer=norm_layer,
+            act_layer=act_layer,
+            block_fn=block_fn,
+            mlp_layer=mlp_layer,
+            attn_layer=attn_layer,
         )
         self.pos_embed_type, self.ndim, self.num_heads = pos_embed, ndim, num_heads
         grid_size = tuple(self.patch_embed.grid_size)
@@ -210,23 +306,61 @@ class NDRopeVisionTransformer(VisionTransformer):
             else None
         )
         self.rope = None
-        if encoding.rope is not None:
+        #: a recipe's coordinate law (and attention scale) for the RoPE positions, or None for `ndrope.grid`
+        self.rope_coordinates: Coordinates | None = None
+        self.rope_attention_scale = 1.0
+        theta = ROPE_THETA[encoding.rope] if encoding.rope and rope_theta is None else rope_theta
+        if rope_recipe is not None:
+            self.rope = self._rope_from_recipe(rope_recipe, pos_embed, encoding.rope, head_dim, grid_size, depth)
+        elif encoding.rope == "axial":
+            self.rope = ndrope.RotaryEmbedding(head_dim, ndim, theta=theta, layout=ROPE_LAYOUT, reference_shape=grid_size)
+        elif encoding.rope == "mixed":
             # RoPE-Mixed learns one frequency matrix per (layer, head): one module with L * H "heads"
             # yields every layer's table from one matmul per forward.
-            self.rope = ndrope.RotaryEmbedding(
-                head_dim,
-                ndim,
-                kind=encoding.rope,
-                num_heads=depth * num_heads if encoding.rope == "mixed" else None,
-                theta=ROPE_THETA[encoding.rope] if rope_theta is None else rope_theta,
-                layout=ROPE_LAYOUT,
-                reference_shape=grid_size,
+            self.rope = ndrope.RotaryEmbedding.mixed(
+                head_dim, ndim, depth * num_heads, theta=theta, layout=ROPE_LAYOUT, reference_shape=grid_size
             )
+        #: DINOv3-style coordinate augmentation of the RoPE positions in training (`ndrope.augment_positions`)
+        self.rope_shift, self.rope_jitter, self.rope_rescale = shift, jitter, rescale
         self.alibi = AlibiBias(num_heads) if encoding.alibi else None
         if isinstance(self.patch_drop, PatchDropout):
             # the kept indices select the matching rows of the RoPE tables and ALiBi bias
             self.patch_drop = PatchDropoutWithIndices(self.patch_drop.prob, num_prefix_tokens=self.num_prefix_tokens)
         self.set_resolution_mode(mode)
+
+    def _rope_from_recipe(
+        self,
+        rope_recipe: RopeRecipe | Callable[[int], RopeRecipe],
+        pos_embed: str,
+        kind: str | None,
+        head_dim: int,
+        grid_size: tuple[int, ...],
+        depth: int,
+    ) -> ndrope.RotaryEmbedding:
+        """RoPE with a `ndrope.recipes` scheme's frequencies and coordinate law (fixed for ``rope_axial``,
+        learned per layer from the recipe's values for ``rope_mixed``)."""
+        if isinstance(rope_recipe, str):
+            recipe = _RECIPE_BUILDERS[check_choice("rope_recipe", rope_recipe, VisionRecipe)](head_dim, len(grid_size))
+        else:
+            recipe = rope_recipe if isinstance(rope_recipe, RopeRecipe) else rope_recipe(head_dim)
+        if not isinstance(recipe, RopeRecipe):
+            raise TypeError(f"rope_recipe must be an ndrope.recipes.RopeRecipe or a function of head_dim returning one, got {recipe!r}")
+        if kind is None:
+            raise ValueError(f"rope_recipe needs a RoPE pos_embed (rope_axial, rope_mixed, ...), got pos_embed={pos_embed!r}")
+        freqs, n_axes = recipe.freqs, len(grid_size)
+        heads = () if freqs.dim() == 2 else (freqs.shape[0],)
+        if freqs.shape[-2] != n_axes or freqs.shape[-1] > head_dim // 2 or heads not in ((), (self.num_heads,)):
+            raise ValueError(
+                f"rope_recipe's frequencies {tuple(freqs.shape)} do not fit this model: expected (A, P) or "
+                f"(H, A, P) with A = ndim = {n_axes}, H = num_heads = {self.num_heads}, P <= head_dim // 2 = {head_dim // 2}"
+            )
+        self.rope_coordinates, self.rope_attention_scale = recipe.coordinates, recipe.attention_scale
+        if kind == "mixed":  # one learned copy per layer, initialised with the recipe's values
+            per_head = freqs.expand(self.num_heads, *freqs.shape[-2:])
+            freqs = per_head.repeat(depth, 1, 1)
+        return ndrope.RotaryEmbedding.from_frequencies(
+            freqs.float() if kind == "mixed" else freqs, learnable=kind == "mixed", layout=ROPE_LAYOUT
+        )
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -242,11 +376,12 @@ class NDRopeVisionTransformer(VisionTransformer):
         unaffected. Models without RoPE have no coordinate convention to choose; for them only the
         value is checked and recorded.
         """
-        if mode not in ndrope.RESOLUTION_MODES:
-            raise ValueError(f"mode={mode!r} is not supported; choose one of {list(ndrope.RESOLUTION_MODES)}")
-        if self.rope is not None:
-            self.rope.set_resolution_mode(mode)
-        self.rope_resolution_mode = mode
+        self.rope_resolution_mode = check_choice("mode", mode, ResolutionMode)
+
+    @property
+    def augments_positions(self) -> bool:
+        """Whether this forward draws RoPE coordinate augmentation (training mode with it configured)."""
+        return self.training and (self.rope_shift > 0 or self.rope_jitter > 1 or self.rope_rescale > 1)
 
     def rotary_tables(self, grid_shape: Sequence[int]) -> list[Rotation | None]:
         """The (cos, sin) pair each block rotates q and k by, for a grid; ``None`` entries without RoPE.
@@ -257,8 +392,22 @@ class NDRopeVisionTransformer(VisionTransformer):
         """
         if self.rope is None:
             return [None] * len(self.blocks)
-        cos, sin = self.rope.cos_sin(tuple(grid_shape), num_prefix_tokens=self.num_prefix_tokens)
-        if self.rope.kind == "axial":
+        grid_shape = tuple(grid_shape)
+        positions: Any = grid_shape
+        if self.rope_coordinates is not None:  # a recipe's coordinates, at every grid
+            positions = self.rope_coordinates(grid_shape, dtype=torch.float32, device=self.rope.freqs.device)
+        if self.augments_positions:
+            if not isinstance(positions, Tensor):
+                positions = self.rope.positions(grid_shape, mode=self.rope_resolution_mode)
+            positions = ndrope.augment_positions(
+                positions, shift=self.rope_shift, jitter=self.rope_jitter, rescale=self.rope_rescale
+            )
+        cos, sin = self.rope.rotation(positions, mode=self.rope_resolution_mode, num_prefix_tokens=self.num_prefix_tokens)
+        if self.rope_attention_scale != 1.0:
+            cos, sin = cos * self.rope_attention_scale, sin * self.rope_attention_scale
+        if cos.dim() == 3 and cos.shape[0] == self.num_heads and len(self.blocks) > 1 and not self.rope.learnable:
+            return [(cos, sin)] * len(self.blocks)  # fixed per-head frequencies, shared by the layers
+        if cos.dim() == 2:  # axial: one table for every layer and head
             return [(cos, sin)] * len(self.blocks)
         per_layer = (cos.unflatten(0, (-1, self.num_heads)), sin.unflatten(0, (-1, self.num_heads)))  # (L, H, k+N, P)
         return list(zip(per_layer[0].unbind(0), per_layer[1].unbind(0)))
@@ -279,12 +428,46 @@ class NDRopeVisionTransformer(VisionTransformer):
             )
         if x.shape[1] != self.in_chans:
             raise ValueError(f"x has {x.shape[1]} channels (shape {tuple(x.shape)}) but in_chans={self.in_chans}")
+        if x.shape[0] == 0:
+            raise ValueError(f"x has shape {tuple(x.shape)}: a batch of 0 samples; pass at least one")
         spatial, patch = tuple(x.shape[2:]), tuple(self.patch_embed.patch_size)
+        if min(spatial) == 0:
+            raise ValueError(f"x has shape {tuple(x.shape)}: spatial size {spatial} has an empty axis")
+        weight = self.patch_embed.proj.weight
+        if not x.is_floating_point():
+            raise TypeError(
+                f"x has dtype {x.dtype}; the model takes floating-point images (e.g. x.float() / 255 for uint8 pixels)"
+            )
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"x has dtype {x.dtype} but the model's weights are {weight.dtype}: cast one to the other "
+                f"(x.to({weight.dtype}) or model.to({x.dtype})), or run under torch.autocast"
+            )
         if not self.patch_embed.dynamic_img_pad and any(size % p for size, p in zip(spatial, patch)):
             nearest = tuple(max(p, size // p * p) for size, p in zip(spatial, patch))
             raise ValueError(
                 f"input size {spatial} is not a multiple of patch_size={patch}: use e.g. {nearest}, "
                 f"or build the model with dynamic_img_pad=True to zero-pad"
+            )
+
+    def _check_attn_mask(self, attn_mask: Tensor, batch: int, tokens: int) -> None:
+        expected = (batch, self.num_heads, tokens, tokens)
+        if not isinstance(attn_mask, Tensor):
+            raise TypeError(f"attn_mask must be a Tensor broadcastable to (B, H, k + N, k + N) = {expected}")
+        if attn_mask.device != self.patch_embed.proj.weight.device:
+            raise ValueError(
+                f"attn_mask is on {attn_mask.device} but the model is on {self.patch_embed.proj.weight.device}"
+            )
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            raise TypeError(f"attn_mask has dtype {attn_mask.dtype}; use bool (True = may attend) or an additive float bias")
+        try:
+            fits = attn_mask.dim() <= 4 and torch.broadcast_shapes(attn_mask.shape, expected) == expected
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(
+                f"attn_mask has shape {tuple(attn_mask.shape)} but must broadcast to (B, H, k + N, k + N) = {expected} "
+                f"({self.num_prefix_tokens} prefix tokens + the patches of this input)"
             )
 
     def _pos_embed(self, x: Tensor) -> Tensor:
@@ -322,6 +505,7 @@ class NDRopeVisionTransformer(VisionTransformer):
         x = self._pos_embed(x)
         ropes, bias = self.rotary_tables(grid_shape), self.attention_bias(grid_shape)
         if attn_mask is not None:
+            self._check_attn_mask(attn_mask, x.shape[0], x.shape[1])
             if attn_mask.dtype == torch.bool:  # SDPA convention: True = may attend
                 attn_mask = torch.zeros(attn_mask.shape, device=x.device).masked_fill(~attn_mask, float("-inf"))
             bias = attn_mask if bias is None else bias + attn_mask

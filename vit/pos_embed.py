@@ -25,11 +25,12 @@ from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
 import ndrope
+from ndrope._checks import check_choice, choices
 
 FixedKind = Literal["sincos", "integer", "binary"]
-FIXED_KINDS: tuple[str, ...] = ("sincos", "integer", "binary")
+FIXED_KINDS: tuple[str, ...] = choices(FixedKind)
 IntegerNorm = Literal["train", "grid", "none"]
-INTEGER_NORMS: tuple[str, ...] = ("train", "grid", "none")
+INTEGER_NORMS: tuple[str, ...] = choices(IntegerNorm)
 #: Bits of the patch index used by `binary_embed` by default: indices up to 65535 (a 256 x 256 grid).
 BINARY_BITS = 16
 #: Wavelength base of `sincos_embed` (as in Vaswani et al. and MAE).
@@ -165,10 +166,8 @@ class FixedPosEmbed(nn.Module):
         binary_bits: int = BINARY_BITS,
     ) -> None:
         super().__init__()
-        if kind not in FIXED_KINDS:
-            raise ValueError(f"kind={kind!r} is not supported; choose one of {list(FIXED_KINDS)}")
-        if integer_norm not in INTEGER_NORMS:
-            raise ValueError(f"integer_norm={integer_norm!r} is not supported; choose one of {list(INTEGER_NORMS)}")
+        check_choice("kind", kind, FixedKind)
+        check_choice("integer_norm", integer_norm, IntegerNorm)
         if isinstance(binary_bits, bool) or not isinstance(binary_bits, int) or not 1 <= binary_bits <= 62:
             raise ValueError(f"binary_bits={binary_bits!r} must be an int in [1, 62]")
         if kind == "sincos" and (dim % 2 or dim // 2 < len(reference_shape)):

@@ -1,0 +1,239 @@
+"""The CPU rotary kernel (`csrc/rotary.cpp`): built on first use, verified before it is loaded.
+
+The library has a plain C ABI and no torch headers, so the system compiler builds it in about a
+second. It is cached in ``$NDROPE_CACHE_DIR`` (default ``$XDG_CACHE_HOME/ndrope``, i.e.
+``~/.cache/ndrope``) under a name keyed by the source, the compiler command and the CPU's ISA, next to
+a ``.sha256`` file the build writes. A cached library is loaded only when
+
+* the cache folder and the file belong to this user and nobody else may write to them, and
+* the file's SHA-256 equals the one recorded by the build (a truncated or replaced file is rebuilt),
+
+and once loaded, only when its ABI (version, struct size, every field offset) equals the ctypes
+mirror below. Anything else falls back to the plain torch formula with one warning (`library`
+returns None); nothing unexpected is ever executed or trusted silently.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import stat
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("csrc") / "rotary.cpp"
+ABI_VERSION = 2
+#: Row dims (x.dim() - 1) the kernel accepts; higher ranks take the torch formula.
+MAX_ROW_DIMS = 16
+_MAX_OPERANDS = 7
+_STATUS = {
+    1: "unsupported x dtype",
+    2: "unsupported cos/sin dtype",
+    3: "too many dims",
+    4: "ABI version mismatch",
+    5: "wrong operands",
+    6: "inconsistent shape",
+}
+DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+TABLE_DTYPE_CODES = {torch.float32: 0, torch.float64: 1}
+# Explicit ISA flags rather than -march=native: the cached file is keyed by this capability, so a cache
+# shared by different CPUs never runs instructions a CPU lacks.
+_ISA_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+}
+
+
+class _Operand(ctypes.Structure):
+    # pointers are c_void_p here (a plain int to set, no ctypes cast per call); the C side types them
+    _fields_ = [("data", ctypes.c_void_p), ("strides", ctypes.c_void_p)]
+
+
+class _RotaryCall(ctypes.Structure):
+    """Mirror of `RotaryCall` in csrc/rotary.cpp, field for field (checked against the library)."""
+
+    _fields_ = [
+        ("abi_version", ctypes.c_int32),
+        ("x_dtype", ctypes.c_int32),
+        ("table_dtype", ctypes.c_int32),
+        ("interleaved", ctypes.c_int32),
+        ("inverse", ctypes.c_int32),
+        ("threads", ctypes.c_int32),
+        ("ndim", ctypes.c_int64),
+        ("pairs", ctypes.c_int64),
+        ("dim", ctypes.c_int64),
+        ("sizes", ctypes.c_void_p),
+        ("n_operands", ctypes.c_int64),
+        ("operands", _Operand * _MAX_OPERANDS),
+    ]
+
+
+def expected_abi() -> tuple[int, ...]:
+    """What `ndrope_abi` must report: version, struct sizes and field offsets, as the ctypes mirror has them."""
+    fields = [name for name, _ in _RotaryCall._fields_]
+    return (
+        ABI_VERSION,
+        ctypes.sizeof(_RotaryCall),
+        ctypes.sizeof(_Operand),
+        *(getattr(_RotaryCall, name).offset for name in fields),
+        _Operand.data.offset,
+        _Operand.strides.offset,
+    )
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("NDROPE_CACHE_DIR")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ndrope"
+
+
+def _private(path: Path, kind: str) -> None:
+    """Raise unless ``path`` belongs to this user and nobody else can write to it."""
+    info = path.lstat()
+    if stat.S_ISLNK(info.st_mode):
+        raise PermissionError(f"{kind} {path} is a symbolic link")
+    if hasattr(os, "getuid") and info.st_uid != os.getuid():
+        raise PermissionError(f"{kind} {path} belongs to uid {info.st_uid}, not to this user ({os.getuid()})")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise PermissionError(f"{kind} {path} is writable by others (mode {stat.filemode(info.st_mode)})")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _command() -> list[str]:
+    capability = torch.backends.cpu.get_cpu_capability()
+    flags = _ISA_FLAGS.get(capability, [])
+    return [os.environ.get("CXX", "c++"), "-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", *flags]
+
+
+def library_path() -> Path:
+    """Where the library for this source, compiler command and CPU lives in the cache."""
+    command = _command()
+    digest = hashlib.sha256("\0".join([SOURCE.read_text(), *command]).encode()).hexdigest()[:16]
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    return cache_dir() / f"rotary_{capability}_{digest}.so"
+
+
+def _build(target: Path) -> None:
+    """Compile into a scratch folder beside ``target``, record the hash, then rename both into place."""
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as scratch:
+        built = Path(scratch) / target.name
+        result = subprocess.run([*_command(), str(SOURCE), "-o", str(built)], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(_command())} failed:\n{result.stderr[-2000:]}")
+        digest = Path(scratch) / "digest"
+        digest.write_text(_sha256(built))
+        for file in (built, digest):
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+        os.replace(built, target)  # a reader never sees a partial file
+        os.replace(digest, target.with_suffix(".sha256"))
+
+
+def _verified(path: Path) -> bool:
+    """Whether the cached ``path`` is this user's, private, and the very file the build recorded."""
+    record = path.with_suffix(".sha256")
+    if not path.exists() or not record.exists():
+        return False
+    _private(path, "cached kernel")
+    _private(record, "kernel hash record")
+    return record.read_text().strip() == _sha256(path)
+
+
+def load() -> ctypes.CDLL:
+    """Build (or reuse) the verified library and load it; raises on anything unexpected."""
+    path = library_path()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _private(path.parent, "kernel cache folder")
+    if not _verified(path):
+        _build(path)
+        if not _verified(path):
+            raise RuntimeError(f"the freshly built {path} does not match its recorded hash")
+    lib = ctypes.CDLL(str(path))
+    lib.ndrope_abi.restype = ctypes.c_int64
+    lib.ndrope_abi.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.c_int64]
+    for function in (lib.ndrope_rotate, lib.ndrope_rotate_backward):
+        function.restype = ctypes.c_int32
+        function.argtypes = [ctypes.POINTER(_RotaryCall)]
+    check_abi(lib)
+    return lib
+
+
+def check_abi(lib: ctypes.CDLL) -> None:
+    """Raise unless the library's `RotaryCall` layout is exactly the ctypes mirror's."""
+    expected = expected_abi()
+    buffer = (ctypes.c_int64 * 64)()
+    count = lib.ndrope_abi(buffer, len(buffer))
+    reported = tuple(buffer[: min(count, len(buffer))])
+    if reported != expected:
+        raise RuntimeError(
+            f"the rotary library's ABI {reported} differs from ndrope's {expected} "
+            "(version, sizeof RotaryCall, sizeof Operand, field offsets): rebuild it or reinstall ndrope"
+        )
+
+
+_library: ctypes.CDLL | None = None
+_failure: BaseException | None = None
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, or None (after one warning) where it cannot be built or trusted."""
+    global _library, _failure
+    if _library is None and _failure is None:
+        try:
+            _library = load()
+        except Exception as error:  # no compiler, no OpenMP, untrusted cache, ABI mismatch, ...
+            _failure = error
+            warnings.warn(
+                f"ndrope: the C++ CPU rotary kernel is unavailable, using the torch formula instead ({error})",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return _library
+
+
+def failure() -> BaseException | None:
+    """Why `library` returned None (None while it loaded, or before the first call)."""
+    return _failure
+
+
+def run(entry: str, x: Tensor, table_dtype: torch.dtype, interleaved: bool, inverse: bool, operands: list) -> None:
+    """Describe one call over x's rows and run it; ``operands`` are tensors (or None) with x's row dims."""
+    lib = library()
+    rows = x.dim() - 1
+    # one int64 buffer: the row sizes, then each operand's strides over them
+    numbers = list(x.shape[:-1])
+    for tensor in operands:
+        numbers.extend(tensor.stride()[:-1] if tensor is not None else (0,) * rows)
+    buffer = (ctypes.c_int64 * max(len(numbers), 1))(*numbers)
+    base = ctypes.addressof(buffer)
+    call = _RotaryCall(
+        ABI_VERSION,
+        DTYPE_CODES[x.dtype],
+        TABLE_DTYPE_CODES[table_dtype],
+        int(interleaved),
+        int(inverse),
+        torch.get_num_threads(),
+        rows,
+        operands[2 if entry == "ndrope_rotate_backward" else 1].shape[-1],
+        x.shape[-1],
+        base,
+        len(operands),
+    )
+    for index, tensor in enumerate(operands):
+        if tensor is not None:
+            call.operands[index].data = tensor.data_ptr()
+            call.operands[index].strides = base + 8 * rows * (index + 1)
+    status = getattr(lib, entry)(ctypes.byref(call))
+    if status != 0:
+        shapes = ", ".join(f"{t.dtype} {tuple(t.shape)}" for t in operands if t is not None)
+        raise RuntimeError(f"{entry} refused the call: {_STATUS.get(status, status)} ({shapes})")

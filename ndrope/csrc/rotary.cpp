@@ -1,0 +1,300 @@
+// ndrope's CPU rotary kernels: one pass over x per call, float math, OpenMP over rows.
+//
+// Plain C ABI, no torch headers (so the build takes about a second with the system compiler). Python
+// (ndrope/_kernel.py) describes each call in one `RotaryCall` struct, mirrored there as a
+// ctypes.Structure. Both sides check that they agree before the library is used: the ABI version,
+// sizeof(RotaryCall) and the offset of every field (`ndrope_abi`); every entry point re-checks the
+// version, the operand count and the ranks, and returns a status code instead of touching memory
+// it was not given.
+//
+// Channel pairs: layout "half" rotates (j, j + P), "interleaved" rotates (2j, 2j + 1):
+//   half:        [x0 .. x_{P-1} | x_P .. x_{2P-1}] -> [x0 c0 - x_P s0 .. | x_P c0 + x0 s0 ..]
+//   interleaved: [x0 x1 x2 x3 ..]                  -> [x0 c0 - x1 s0, x1 c0 + x0 s0, x2 c1 - x3 s1, ..]
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <omp.h>
+
+namespace {
+
+constexpr int kMaxDims = 16;
+
+// Storage <-> compute conversions. bfloat16 goes through its bits so that the loops vectorise.
+struct bf16 { uint16_t bits; };
+template <typename C> inline C load(float v) { return static_cast<C>(v); }
+template <typename C> inline C load(double v) { return static_cast<C>(v); }
+template <typename C> inline C load(_Float16 v) { return static_cast<C>(static_cast<float>(v)); }
+template <typename C> inline C load(bf16 v) {
+  const uint32_t bits = static_cast<uint32_t>(v.bits) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return static_cast<C>(out);
+}
+template <typename T, typename C> inline T store(C v) { return static_cast<T>(v); }
+template <> inline _Float16 store<_Float16, double>(double v) { return static_cast<_Float16>(static_cast<float>(v)); }
+template <> inline bf16 store<bf16, float>(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  const uint16_t rounded = static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);  // to nearest even
+  return bf16{v != v ? uint16_t(0x7FC0) : rounded};
+}
+template <> inline bf16 store<bf16, double>(double v) { return store<bf16, float>(static_cast<float>(v)); }
+
+// An index space over some of the row dims (x.shape[:-1]) that Ops operands walk with their own
+// element strides (stride 0 where an operand is broadcast). Size-1 dims are dropped and
+// contiguous runs merged, so a contiguous tensor is a single dim.
+template <int Ops>
+struct Rows {
+  int ndim = 0;
+  int64_t count = 1;
+  int64_t size[kMaxDims];
+  int64_t stride[Ops][kMaxDims];
+
+  // keep[d] selects the dims of this space (nullptr: all of them)
+  Rows(int64_t dims, const int64_t* sizes, const int64_t* const (&strides)[Ops], const bool* keep) {
+    for (int64_t d = 0; d < dims; ++d) {
+      if ((keep && !keep[d]) || sizes[d] == 1) continue;
+      count *= sizes[d];
+      const int k = ndim;
+      bool merge = k > 0;
+      for (int o = 0; o < Ops && merge; ++o) merge = stride[o][k - 1] == strides[o][d] * sizes[d];
+      const int at = merge ? k - 1 : k;
+      size[at] = merge ? size[at] * sizes[d] : sizes[d];
+      for (int o = 0; o < Ops; ++o) stride[o][at] = strides[o][d];
+      ndim = at + 1;
+    }
+  }
+
+  // Calls fn(offsets) for rows [begin, end), stepping the multi-index like an odometer.
+  template <typename Fn>
+  void walk(int64_t begin, int64_t end, const Fn& fn) const {
+    int64_t index[kMaxDims];
+    int64_t offset[Ops] = {};
+    int64_t rest = begin;
+    for (int d = ndim - 1; d >= 0; --d) {
+      index[d] = rest % size[d];
+      rest /= size[d];
+      for (int o = 0; o < Ops; ++o) offset[o] += index[d] * stride[o][d];
+    }
+    for (int64_t r = begin; r < end; ++r) {
+      fn(static_cast<const int64_t*>(offset));
+      for (int d = ndim - 1; d >= 0; --d) {
+        for (int o = 0; o < Ops; ++o) offset[o] += stride[o][d];
+        if (++index[d] < size[d]) break;
+        for (int o = 0; o < Ops; ++o) offset[o] -= size[d] * stride[o][d];
+        index[d] = 0;
+      }
+    }
+  }
+};
+
+// Splits [0, count) evenly over the threads, as at::parallel_for does; serial for small work.
+template <typename Fn>
+void parallel_rows(int64_t count, int64_t work, int threads, const Fn& fn) {
+  const bool parallel = threads > 1 && count > 1 && work >= 32768;  // below that the fork costs more
+#pragma omp parallel num_threads(threads) if (parallel)
+  {
+    const int64_t teams = omp_get_num_threads(), team = omp_get_thread_num();
+    const int64_t chunk = (count + teams - 1) / teams;
+    const int64_t begin = team * chunk, end = begin + chunk < count ? begin + chunk : count;
+    if (begin < end) fn(begin, end);
+  }
+}
+
+// Channel pairs: half layout (j, j + P), interleaved (2j, 2j + 1).
+template <bool Interleaved> inline int64_t first(int64_t j, int64_t) { return Interleaved ? 2 * j : j; }
+template <bool Interleaved> inline int64_t second(int64_t j, int64_t pairs) {
+  return Interleaved ? 2 * j + 1 : j + pairs;
+}
+
+// One row: the first 2P channels rotated by sign * angle, the rest copied.
+template <typename T, typename C, bool Interleaved>
+inline void rotate_row(const T* __restrict__ x, const C* __restrict__ cos, const C* __restrict__ sin,
+                       T* __restrict__ out, int64_t pairs, int64_t dim, C sign) {
+#pragma omp simd
+  for (int64_t j = 0; j < pairs; ++j) {
+    const int64_t a = first<Interleaved>(j, pairs), b = second<Interleaved>(j, pairs);
+    const C xa = load<C>(x[a]), xb = load<C>(x[b]);
+    const C c = cos[j], s = sign * sin[j];
+    out[a] = store<T, C>(xa * c - xb * s);
+    out[b] = store<T, C>(xb * c + xa * s);
+  }
+  for (int64_t j = 2 * pairs; j < dim; ++j) out[j] = x[j];
+}
+
+// Backward of one row when the angles are learned: grad_x (rotation by -sign * angle, if wanted)
+// and the row's contribution to d cos, d sin, accumulated into the table row's sums.
+template <typename T, typename C, bool Interleaved>
+inline void backward_row(const T* __restrict__ g, const T* __restrict__ x, const C* __restrict__ cos,
+                         const C* __restrict__ sin, T* __restrict__ dx, C* __restrict__ dcos,
+                         C* __restrict__ dsin, int64_t pairs, int64_t dim, C sign) {
+#pragma omp simd
+  for (int64_t j = 0; j < pairs; ++j) {
+    const int64_t a = first<Interleaved>(j, pairs), b = second<Interleaved>(j, pairs);
+    const C ga = load<C>(g[a]), gb = load<C>(g[b]), xa = load<C>(x[a]), xb = load<C>(x[b]);
+    const C c = cos[j], s = sign * sin[j];
+    if (dx) {
+      dx[a] = store<T, C>(ga * c + gb * s);
+      dx[b] = store<T, C>(gb * c - ga * s);
+    }
+    dcos[j] += ga * xa + gb * xb;
+    dsin[j] += sign * (gb * xa - ga * xb);
+  }
+  if (dx)
+    for (int64_t j = 2 * pairs; j < dim; ++j) dx[j] = g[j];
+}
+// ---- the ABI shared with ndrope/_kernel.py -------------------------------------------------------
+
+constexpr int32_t kAbiVersion = 2;
+constexpr int kMaxOperands = 7;
+
+struct Operand {
+  void* data;              // first element
+  const int64_t* strides;  // element strides over the ndim row dims (x.shape[:-1]); 0 = broadcast
+};
+
+struct RotaryCall {
+  int32_t abi_version;  // kAbiVersion
+  int32_t x_dtype;      // 0 float32, 1 float64, 2 bfloat16, 3 float16
+  int32_t table_dtype;  // cos/sin: 0 float32, 1 float64 (at least as wide as x: the compute dtype)
+  int32_t interleaved;  // 0 half, 1 interleaved
+  int32_t inverse;      // 1: rotate by -angle (the backward)
+  int32_t threads;      // OpenMP threads (torch.get_num_threads())
+  int64_t ndim;         // row dims, <= kMaxDims
+  int64_t pairs;        // P rotated pairs, 2P <= dim
+  int64_t dim;          // D channels per row (unit stride)
+  const int64_t* sizes; // the ndim row sizes
+  int64_t n_operands;   // 4 for forward (x, cos, sin, out), 7 for backward (grad, x, cos, sin, dx, dcos, dsin)
+  Operand operands[kMaxOperands];
+};
+
+enum Status : int32_t { kOk = 0, kBadXDtype = 1, kBadTableDtype = 2, kTooManyDims = 3, kBadAbi = 4,
+                        kBadOperands = 5, kBadShape = 6 };
+
+struct Call {
+  int64_t ndim, pairs, dim;
+  bool interleaved, inverse;
+  int threads;
+  const RotaryCall* raw;
+  const int64_t* sizes;
+  template <typename P> P* data(int op) const { return static_cast<P*>(raw->operands[op].data); }
+  const int64_t* strides(int op) const { return raw->operands[op].strides; }
+};
+
+int32_t check(const RotaryCall* call, int64_t ops) {
+  if (call == nullptr || call->abi_version != kAbiVersion) return kBadAbi;
+  if (call->n_operands != ops) return kBadOperands;
+  if (call->ndim < 0 || call->ndim > kMaxDims) return kTooManyDims;
+  if (call->pairs < 0 || call->dim < 2 * call->pairs || (call->ndim > 0 && call->sizes == nullptr)) return kBadShape;
+  for (int64_t o = 0; o < ops; ++o)
+    if (call->ndim > 0 && call->operands[o].data != nullptr && call->operands[o].strides == nullptr) return kBadOperands;
+  return kOk;
+}
+
+// Forward (and backward with fixed angles): operands x, cos, sin, out.
+template <typename T, typename C>
+void rotate(const Call& call) {
+  const int64_t* const strides[4] = {call.strides(0), call.strides(1), call.strides(2), call.strides(3)};
+  const Rows<4> rows(call.ndim, call.sizes, strides, nullptr);
+  const T* x = call.data<const T>(0);
+  const C* cos = call.data<const C>(1);
+  const C* sin = call.data<const C>(2);
+  T* out = call.data<T>(3);
+  const C sign = call.inverse ? C(-1) : C(1);
+  const int64_t pairs = call.pairs, dim = call.dim;
+  parallel_rows(rows.count, rows.count * dim, call.threads, [&](int64_t begin, int64_t end) {
+    rows.walk(begin, end, [&](const int64_t* off) {
+      if (call.interleaved)
+        rotate_row<T, C, true>(x + off[0], cos + off[1], sin + off[2], out + off[3], pairs, dim, sign);
+      else
+        rotate_row<T, C, false>(x + off[0], cos + off[1], sin + off[2], out + off[3], pairs, dim, sign);
+    });
+  });
+}
+
+// Backward with learned angles: operands grad, x, cos, sin, dx (null: not wanted), dcos, dsin.
+// dcos/dsin are the (unexpanded) tables, stride 0 on the dims they broadcast over. Threads own
+// table rows and sum over the broadcast dims themselves, so no two threads write the same row.
+template <typename T, typename C>
+void rotate_backward(const Call& call) {
+  const int64_t* const strides[7] = {call.strides(0), call.strides(1), call.strides(2), call.strides(3),
+                                     call.strides(4), call.strides(5), call.strides(6)};
+  bool table_dim[kMaxDims], broadcast_dim[kMaxDims];
+  for (int64_t d = 0; d < call.ndim; ++d) {
+    broadcast_dim[d] = strides[5][d] == 0 && strides[6][d] == 0;
+    table_dim[d] = !broadcast_dim[d];
+  }
+  const Rows<7> outer(call.ndim, call.sizes, strides, table_dim);
+  const Rows<7> inner(call.ndim, call.sizes, strides, broadcast_dim);
+  const T* g = call.data<const T>(0);
+  const T* x = call.data<const T>(1);
+  const C* cos = call.data<const C>(2);
+  const C* sin = call.data<const C>(3);
+  T* dx = call.data<T>(4);
+  C* dcos = call.data<C>(5);
+  C* dsin = call.data<C>(6);
+  const C sign = call.inverse ? C(-1) : C(1);
+  const int64_t pairs = call.pairs, dim = call.dim;
+  parallel_rows(outer.count, outer.count * inner.count * dim, call.threads, [&](int64_t begin, int64_t end) {
+    outer.walk(begin, end, [&](const int64_t* o) {
+      C* dc = dcos + o[5];
+      C* ds = dsin + o[6];
+      for (int64_t j = 0; j < pairs; ++j) dc[j] = ds[j] = C(0);
+      inner.walk(0, inner.count, [&](const int64_t* i) {
+        const T* g_row = g + o[0] + i[0];
+        const T* x_row = x + o[1] + i[1];
+        T* dx_row = dx ? dx + o[4] + i[4] : nullptr;
+        if (call.interleaved)
+          backward_row<T, C, true>(g_row, x_row, cos + o[2], sin + o[3], dx_row, dc, ds, pairs, dim, sign);
+        else
+          backward_row<T, C, false>(g_row, x_row, cos + o[2], sin + o[3], dx_row, dc, ds, pairs, dim, sign);
+      });
+    });
+  });
+}
+
+template <template <typename, typename> class Kernel>
+int32_t dispatch(const RotaryCall* raw, int64_t ops) {
+  const int32_t status = check(raw, ops);
+  if (status != kOk) return status;
+  const Call call{raw->ndim, raw->pairs, raw->dim, raw->interleaved != 0, raw->inverse != 0,
+                  raw->threads > 0 ? raw->threads : 1, raw, raw->sizes};
+  if (raw->table_dtype != 0 && raw->table_dtype != 1) return kBadTableDtype;
+  const bool wide = raw->table_dtype == 1;
+  switch (raw->x_dtype) {
+    case 0: wide ? Kernel<float, double>::run(call) : Kernel<float, float>::run(call); return kOk;
+    case 1: if (!wide) return kBadTableDtype; Kernel<double, double>::run(call); return kOk;
+    case 2: wide ? Kernel<bf16, double>::run(call) : Kernel<bf16, float>::run(call); return kOk;
+    case 3: wide ? Kernel<_Float16, double>::run(call) : Kernel<_Float16, float>::run(call); return kOk;
+    default: return kBadXDtype;
+  }
+}
+
+template <typename T, typename C> struct Forward {
+  static void run(const Call& call) { rotate<T, C>(call); }
+};
+template <typename T, typename C> struct Backward {
+  static void run(const Call& call) { rotate_backward<T, C>(call); }
+};
+
+}  // namespace
+
+// The layout Python must mirror: writes {version, sizeof(RotaryCall), sizeof(Operand), offsets of the
+// fields in declaration order} into out (capacity n); returns how many values it wrote.
+extern "C" int64_t ndrope_abi(int64_t* out, int64_t n) {
+  const int64_t values[] = {
+      kAbiVersion, sizeof(RotaryCall), sizeof(Operand),
+      offsetof(RotaryCall, abi_version), offsetof(RotaryCall, x_dtype), offsetof(RotaryCall, table_dtype),
+      offsetof(RotaryCall, interleaved), offsetof(RotaryCall, inverse), offsetof(RotaryCall, threads),
+      offsetof(RotaryCall, ndim), offsetof(RotaryCall, pairs), offsetof(RotaryCall, dim),
+      offsetof(RotaryCall, sizes), offsetof(RotaryCall, n_operands), offsetof(RotaryCall, operands),
+      offsetof(Operand, data), offsetof(Operand, strides)};
+  const int64_t count = sizeof(values) / sizeof(values[0]);
+  for (int64_t i = 0; i < count && i < n; ++i) out[i] = values[i];
+  return count;
+}
+
+// Both return a Status: 0 on success, nothing written otherwise.
+extern "C" int32_t ndrope_rotate(const RotaryCall* call) { return dispatch<Forward>(call, 4); }
+extern "C" int32_t ndrope_rotate_backward(const RotaryCall* call) { return dispatch<Backward>(call, 7); }
