@@ -29,7 +29,6 @@ Shape alphabet: B batch, N tokens, C width, H heads, D head dim, P = D // 2 pair
 from __future__ import annotations
 
 import argparse
-import inspect
 import math
 import sysconfig
 import time
@@ -111,14 +110,6 @@ def recipes_available() -> bool:
     return True
 
 
-def ntk_frequencies(freqs: Tensor, scale: float) -> Tensor:
-    """`ndrope.ntk_scaled_frequencies` for one axis at ``scale``, whichever core signature is installed
-    (the old one also took each pair's ladder fraction)."""
-    if "fraction" in inspect.signature(ndrope.ntk_scaled_frequencies).parameters:  # pre-merge core
-        return ndrope.ntk_scaled_frequencies(freqs, [scale], ndrope.ladder_fraction([freqs.shape[-1]]))
-    return ndrope.ntk_scaled_frequencies(freqs, [scale])
-
-
 class ByteLM(nn.Module):
     """Causal byte-level transformer LM with a selectable position encoding.
 
@@ -176,7 +167,7 @@ class ByteLM(nn.Module):
         if self.scaling == "pi":  # position interpolation: i * context / n
             return rotation(ndrope.grid((n,), reference_shape=(self.context,), device=device), self.freqs)
         if self.scaling == "ntk":
-            return rotation(positions, ntk_frequencies(self.freqs, scale))
+            return rotation(positions, ndrope.ntk_scaled_frequencies(self.freqs, [scale]))
         from ndrope import recipes  # yarn
 
         recipe = recipes.yarn(
