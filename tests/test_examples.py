@@ -155,6 +155,8 @@ def test_p_rope_keeps_the_fastest_frequencies():
     assert p_rope.shape == rope.shape == (1, 8)
     torch.testing.assert_close(p_rope[:, :6], rope[:, :6])
     assert (p_rope[:, 6:] == 0).all()
+    recipes = pytest.importorskip("ndrope.recipes")
+    torch.testing.assert_close(p_rope, recipes.p_rope(16, 0.75).freqs)  # the named recipe, same frequencies
     with pytest.raises(ValueError, match="encoding"):
         text_lm.ByteLM("xpos", context=8, dim=16, depth=1, num_heads=2)
 
