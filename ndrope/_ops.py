@@ -69,6 +69,7 @@ def _angle_grads(grad: Tensor, x: Tensor, cos: Tensor, interleaved: bool, invers
 def _use_kernel(x: Tensor) -> bool:
     return (
         x.layout == torch.strided
+        and x.numel() > 0  # an empty tensor has no data pointer, which the kernel refuses
         and x.dtype in _kernel.DTYPE_CODES
         and x.dim() - 1 <= _kernel.MAX_ROW_DIMS
         and _kernel.library() is not None

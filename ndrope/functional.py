@@ -188,11 +188,16 @@ def angles(positions: Tensor, freqs: Tensor, *, dtype: torch.dtype | None = None
             f"freqs has n_axes={freqs.shape[-2]} (shape {tuple(freqs.shape)}); they must match"
         )
     check_same_device("positions", positions, "freqs", freqs)
-    check_finite("positions", positions)
+    check_finite("positions", positions)  # a device sync on GPU; grid positions skip it (`_phase`)
     if dtype is None:
         dtype = torch.float64 if positions.dtype == torch.float64 else torch.float32
     elif not dtype.is_floating_point:
         raise TypeError(f"dtype={dtype} must be a floating-point dtype")
+    return _phase(positions, freqs, dtype)
+
+
+def _phase(positions: Tensor, freqs: Tensor, dtype: torch.dtype) -> Tensor:
+    """`angles` without validation, for positions that are valid by construction (`grid`)."""
     wide = torch.float64 if positions.device.type != "mps" else torch.float32  # MPS has no float64
     pos, fr = positions.to(wide), freqs.to(wide)
     if fr.dim() == 3:

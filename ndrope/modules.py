@@ -175,7 +175,7 @@ class RotaryEmbedding(nn.Module):
         # never an inference tensor, whatever mode the module is built or moved in: it serves autograd
         with torch.no_grad(), torch.inference_mode(False):
             positions = grid(self.reference_shape, device=self.freqs.device)
-            return rope_f.cos_sin(rope_f.angles(positions, self.freqs, dtype=self._table_dtype))
+            return rope_f.cos_sin(rope_f._phase(positions, self.freqs, self._table_dtype))
 
     def positions(self, grid_shape: Sequence[int], *, mode: ResolutionMode = "extrapolate") -> Tensor:
         """Positions (N, A) of a row-major grid under a resolution mode (``"ntk"`` positions are integer)."""
@@ -219,7 +219,8 @@ class RotaryEmbedding(nn.Module):
                 cos, sin = self.reference_cos, self.reference_sin
             else:
                 freqs = self.frequencies(grid_shape, mode=mode)
-                phase = rope_f.angles(self.positions(grid_shape, mode=mode), freqs, dtype=self._table_dtype)
+                # grid positions are finite by construction: no NaN check (a device sync on GPU)
+                phase = rope_f._phase(self.positions(grid_shape, mode=mode), freqs, self._table_dtype)
                 cos, sin = rope_f.cos_sin(phase)
         if num_prefix_tokens:
             prefix = (*cos.shape[:-2], num_prefix_tokens, cos.shape[-1])

@@ -377,7 +377,7 @@ class TestKernelABI:
             _kernel.check_abi(lib)
 
     @staticmethod
-    def call(x: torch.Tensor, cos: torch.Tensor, out: torch.Tensor, **fields) -> tuple[int, list]:
+    def call(x: torch.Tensor, cos: torch.Tensor, out: torch.Tensor, null_operand: int | None = None, **fields) -> tuple[int, list]:
         """Call ndrope_rotate directly with a hand-made RotaryCall: x, cos, sin (= cos), out of shape (N, D)."""
         lib = kernel_or_skip()
         call = _kernel._RotaryCall()
@@ -394,6 +394,8 @@ class TestKernelABI:
         call.n_operands = 4
         for name, value in fields.items():
             setattr(call, name, value)
+        if null_operand is not None:
+            call.operands[null_operand].data = None
         return lib.ndrope_rotate(ctypes.byref(call)), keep
 
     @param(
@@ -421,6 +423,15 @@ class TestKernelABI:
             assert (out == 7.0).all()
         else:
             torch.testing.assert_close(out, rotate_formula(x, cos, cos, "half"), atol=1e-5, rtol=1e-5)
+
+    @param("operand", [0, 1, 2, 3])
+    def test_a_null_operand_is_refused(self, operand):
+        """The forward has no optional operand: a null x, cos, sin or out is a status, not a crash."""
+        x, cos = torch.randn(5, 8), torch.randn(5, 4)
+        out = torch.full((5, 8), 7.0)
+        code, _ = self.call(x, cos, out, null_operand=operand)
+        assert code == 5
+        assert (out == 7.0).all()
 
     def test_run_raises_on_a_refused_call(self):
         kernel_or_skip()
