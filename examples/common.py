@@ -228,8 +228,8 @@ def load_fashion_mnist(root: str | os.PathLike, split: str) -> tuple[Tensor, Ten
         found = [root / name for name in (f"{stem}.gz", stem) if (root / name).is_file()]
         if not found:
             raise FileNotFoundError(
-                f"Fashion-MNIST {split} file {stem}[.gz] not found in data_root={str(root)!r}; "
-                f"the default is {FASHION_MNIST_ROOT}"
+                f"Fashion-MNIST {split} file {stem}[.gz] not found in data_root={str(root)!r}; the default "
+                f"{FASHION_MNIST_ROOT} comes from Debian: apt-get update && apt-get install -y dataset-fashion-mnist"
             )
         paths.append(found[0])
     images, labels = read_idx(paths[0]), read_idx(paths[1]).long()

@@ -76,7 +76,7 @@ def test_markdown_table_formats_floats_and_missing():
 
 
 def test_load_fashion_mnist_names_the_missing_root(tmp_path):
-    with pytest.raises(FileNotFoundError, match="data_root"):
+    with pytest.raises(FileNotFoundError, match="data_root=.*apt-get install -y dataset-fashion-mnist"):
         common.load_fashion_mnist(tmp_path, "train")
     with pytest.raises(ValueError, match="split"):
         common.load_fashion_mnist(tmp_path, "val")
