@@ -41,7 +41,7 @@ class InProcessRunner:
         self.calls: list[list[str]] = []
         self.fail_on = fail_on
 
-    def __call__(self, args: list[str], what: str) -> float:
+    def __call__(self, args: list[str], what: str, threads: int | None = None) -> float:
         self.calls.append(args)
         if self.fail_on and self.fail_on in what:
             raise RuntimeError(f"[study] {what} failed (exit code 1)")

@@ -137,6 +137,7 @@ class ImageClassifier(LightningModule):
         self.eval_keys = [(p, r) for p in self.eval_protocols for r in self.eval_resolutions]
         self.test_metrics = nn.ModuleList(accuracy_metrics(num_classes) for _ in self.eval_keys)
         self.eval_results: dict[tuple[str, int], dict[str, float]] = {}
+        self.test_samples = [0] * len(self.eval_keys)
 
     def forward(self, x: Tensor) -> Tensor:
         """Images (B, C, r, r) -> logits (B, num_classes)."""
@@ -187,6 +188,7 @@ class ImageClassifier(LightningModule):
         x, y = batch
         (protocol, resolution), metrics = self.eval_keys[dataloader_idx], self.test_metrics[dataloader_idx]
         metrics.update(self(x), y)
+        self.test_samples[dataloader_idx] += y.shape[0]
         self.log_dict(
             {f"test/{protocol}/{name}@{resolution}": m for name, m in metrics.items()}, add_dataloader_idx=False
         )
@@ -204,6 +206,7 @@ class ImageClassifier(LightningModule):
             "train_resolution": self.train_resolution,
             "patch_size": self.patch_size,
             "resolution_mode": self.resolution_mode,
+            "test_samples": self.test_samples[0],
             "num_params": sum(p.numel() for p in self.net.parameters()),
         }
         print(format_eval_table(self.eval_results, self.patch_size, self.train_resolution))

@@ -284,6 +284,9 @@ def study_markdown(summary: list[dict[str, Any]], runs: list[dict[str, Any]], se
         "monitors training); the test split is used only here. "
         "Cells are accuracy in %, mean ± sample std over seeds; (train) marks the training resolution.\n",
     ]
+    samples = sorted({r["test_samples"] for r in runs if r.get("test_samples")})
+    if samples:
+        parts.append(f"Test images per evaluation: {', '.join(f'{n:,}' for n in samples)}.\n")
     if any(s["resolution_mode"] for s in summary):
         parts.append(
             "RoPE rows name the resolution mode of their positions at other grids (`vit.set_resolution_mode`): "

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -56,9 +57,10 @@ def check_study_args(
     eval_resolutions: Sequence[int],
     variant_net_args: Optional[dict[str, dict[str, Any]]] = None,
     fit_args: Sequence[str] = (),
+    test_args: Sequence[str] = (),
 ) -> None:
     """ValueError naming the argument when a list is empty or repeats an entry, a variant is neither a
-    pos_embed nor defined in ``variant_net_args``, or ``fit_args`` sets an option the study owns."""
+    pos_embed nor defined in ``variant_net_args``, or ``fit_args`` / ``test_args`` set an option the study owns."""
     for name, values in (("variants", variants), ("seeds", seeds), ("eval_resolutions", eval_resolutions)):
         if not values or len(set(values)) != len(values):
             raise ValueError(f"{name}={list(values)} must be a non-empty list without repeats")
@@ -75,11 +77,11 @@ def check_study_args(
                 f"variant_net_args[{name!r}]={args!r} must be a dict of net arguments with a pos_embed from "
                 f"{list(vit.POS_EMBED_CHOICES)}"
             )
-    for arg in fit_args:
+    for name, arg in [("fit_args", a) for a in fit_args] + [("test_args", a) for a in test_args]:
         option = str(arg).split("=", 1)[0]
         if option in RESERVED_FIT_OPTIONS:
             raise ValueError(
-                f"fit_args sets {option}, which the study sets for every run itself "
+                f"{name} sets {option}, which the study sets for every run itself "
                 f"({', '.join(RESERVED_FIT_OPTIONS)}); use output_dir, seeds, variants, fit_config or "
                 "eval_resolutions / eval_protocols / resolution_modes instead"
             )
@@ -145,16 +147,20 @@ def _die_with_parent(parent: int) -> Callable[[], None]:
     return set_signal
 
 
-def _run(args: list[str], what: str) -> float:
+def _run(args: list[str], what: str, threads: Optional[int] = None) -> float:
     """Run ``train.py args`` in a subprocess with the output passed through; returns its wall time in seconds.
 
+    ``threads``: the subprocess's CPU threads (``OMP_NUM_THREADS``) unless the environment sets them.
     The subprocess dies with this process (parent-death signal on Linux; on an exception here it is killed).
     """
     command = [sys.executable, os.fspath(TRAIN_SCRIPT), *args]
     print(f"[study] {what}: {shlex.join(command)}", flush=True)
     start = time.perf_counter()
     preexec = _die_with_parent(os.getpid()) if sys.platform.startswith("linux") else None
-    child = subprocess.Popen(command, preexec_fn=preexec)
+    env = dict(os.environ)
+    if threads is not None:
+        env.setdefault("OMP_NUM_THREADS", str(threads))
+    child = subprocess.Popen(command, preexec_fn=preexec, env=env)
     try:
         code = child.wait()
     finally:
@@ -176,6 +182,8 @@ def run_study(
     variant_net_args: Optional[dict[str, dict[str, Any]]] = None,
     baseline: Optional[str] = "learned",
     output_dir: str = "reports/study",
+    jobs: int = 1,
+    test_args: list[str] = [],
     fit_args: list[str] = [],
     dry_run: bool = False,
 ) -> Optional[dict[str, Path]]:
@@ -197,13 +205,21 @@ def run_study(
         baseline: the row every other row is compared with, seed by seed (paired differences); None or a
             variant that is not studied skips the comparison.
         output_dir: report folder; runs go to ``<output_dir>/runs/<variant>-seed<seed>``.
+        jobs: runs trained and tested at the same time, each with ``cpu_count // jobs`` threads (on a
+            small CPU machine 2 single-thread runs beat one 2-thread run); 1 on GPUs.
+        test_args: extra ``train.py test`` options for every test, e.g. ``["--trainer.limit_test_batches=0.3"]``
+            (the first 30% of the test split).
         fit_args: extra ``train.py fit`` options for every run, e.g. ``["--trainer.max_epochs=2"]``;
             on the command line, the options after ``--``.
         dry_run: check every run's configuration and print the commands, without training.
     """
     started = time.perf_counter()
     fit_args = [str(a) for a in fit_args]
-    check_study_args(variants, seeds, eval_resolutions, variant_net_args, fit_args)
+    test_args = [str(a) for a in test_args]
+    check_study_args(variants, seeds, eval_resolutions, variant_net_args, fit_args, test_args)
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs={jobs!r} must be a positive int (runs at the same time)")
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     if resolution_modes is not None and len(set(resolution_modes)) != len(resolution_modes):
         raise ValueError(f"resolution_modes={list(resolution_modes)} must not repeat a mode")
     from .data import check_protocols
@@ -214,25 +230,38 @@ def run_study(
     lock = RunFolderLock(output, "study folder") if not dry_run else None
     try:
         _preflight(configs, variants, seeds, eval_resolutions, eval_protocols, variant_net_args, fit_args, output)
-        runs: list[dict[str, Any]] = []
-        run_seconds = 0.0
+        planned = []
         for variant in variants:
             pos_embed = net_args(variant, variant_net_args)["pos_embed"]
             for seed in seeds:
                 run_dir = output / "runs" / f"{variant}-seed{seed}"
                 fit = fit_command(configs, variant, seed, run_dir, fit_args, variant_net_args)
                 modes = modes_for(pos_embed, resolution_modes)
+                planned.append((variant, seed, run_dir, fit, modes))
                 if dry_run:
-                    tests = [test_command(run_dir, eval_resolutions, eval_protocols, mode) for mode in modes]
+                    tests = [test_command(run_dir, eval_resolutions, eval_protocols, mode) + test_args for mode in modes]
                     for args in [fit, *tests]:
                         print(f"python {TRAIN_SCRIPT.name} {shlex.join(args)}")
-                    continue
-                records, seconds = _train_and_test(variant, seed, run_dir, fit, modes, eval_resolutions,
-                                                   eval_protocols)
-                runs += records
-                run_seconds += seconds
         if dry_run:
             return None
+
+        def one(plan: tuple) -> tuple[list[dict[str, Any]], float]:
+            variant, seed, run_dir, fit, modes = plan
+            return _train_and_test(variant, seed, run_dir, fit, modes, eval_resolutions, eval_protocols, test_args,
+                                   threads)
+
+        if jobs == 1:
+            outcomes = [one(plan) for plan in planned]
+        else:
+            with ThreadPoolExecutor(jobs) as pool:
+                futures = [pool.submit(one, plan) for plan in planned]
+                wait(futures)
+            errors = [f.exception() for f in futures if f.exception() is not None]
+            if errors:
+                raise errors[0]
+            outcomes = [f.result() for f in futures]
+        runs = [record for records, _ in outcomes for record in records]
+        run_seconds = sum(seconds for _, seconds in outcomes)
         train_resolutions = {run["train_resolution"] for run in runs}
         settings = {
             "fit_config": configs,
@@ -243,6 +272,8 @@ def run_study(
             "resolution_modes": list(resolution_modes) if resolution_modes else None,
             "eval_resolutions": list(eval_resolutions),
             "eval_protocols": list(eval_protocols),
+            "test_args": list(test_args),
+            "jobs": jobs,
             "baseline": baseline if baseline in variants else None,
             "train_resolution": train_resolutions.pop() if len(train_resolutions) == 1 else sorted(train_resolutions),
             "wall_seconds": time.perf_counter() - started,
@@ -283,6 +314,8 @@ def _train_and_test(
     modes: list[Optional[str]],
     eval_resolutions: Sequence[int],
     eval_protocols: Sequence[str],
+    test_args: Sequence[str] = (),
+    threads: Optional[int] = None,
 ) -> tuple[list[dict[str, Any]], float]:
     """One run: fit (resuming from last.ckpt if a previous attempt stopped), then one test per mode.
 
@@ -308,7 +341,7 @@ def _train_and_test(
     fit_record = run_dir / "fit.json"
     if not fit_record.exists():
         resume = ["--ckpt_path", "last"] if (run_dir / "checkpoints" / "last.ckpt").exists() else []
-        seconds = _run(fit + resume, f"fit {variant} seed {seed}")
+        seconds = _run(fit + resume, f"fit {variant} seed {seed}", threads=threads)
         spent += seconds
         atomic_write(fit_record, json.dumps({"seconds": seconds, "args": fit, "resumed": bool(resume)}, indent=2) + "\n")
     records = []
@@ -316,7 +349,8 @@ def _train_and_test(
         eval_path = run_dir / ("test" if mode is None else f"test-{mode}") / "eval.json"
         if not _tested(eval_path, run_dir / "checkpoints" / "last.ckpt", mode, eval_resolutions, eval_protocols):
             what = f"test {variant} seed {seed}" + (f" {mode}" if mode else "")
-            spent += _run(test_command(run_dir, eval_resolutions, eval_protocols, mode), what)
+            spent += _run([*test_command(run_dir, eval_resolutions, eval_protocols, mode), *test_args], what,
+                          threads=threads)
         report = json.loads(eval_path.read_text())
         records.append(
             {
@@ -326,6 +360,7 @@ def _train_and_test(
                 "run_dir": os.fspath(run_dir),
                 "fit_seconds": json.loads(fit_record.read_text())["seconds"],
                 "num_params": report["meta"]["num_params"],
+                "test_samples": report["meta"].get("test_samples"),
                 "train_resolution": report["meta"]["train_resolution"],
                 "results": report["results"],
             }
