@@ -438,7 +438,8 @@ def test_compiled_fit_and_multi_resolution_test(data: Path, tmp_path: Path) -> N
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     assert "net.cls_token" in state and not any("_orig_mod" in k for k in state)
     cli_main(["test", "--config", str(tmp_path / "config.yaml"),
-              f"--ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}", "--model.eval_resolutions=[20, 36]"])
+              f"--ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}", "--model.eval_resolutions=[20, 36]",
+              "--model.eval_protocols=[zoom]"])
     results = json.loads((tmp_path / "test" / "eval.json").read_text())["results"]
     assert [r["resolution"] for r in results] == [20, 36]
 
