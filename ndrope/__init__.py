@@ -37,3 +37,5 @@ __all__ = [
     "multimodal_positions",
     "ntk_scaled_frequencies",
 ]
+
+from . import recipes  # noqa: E402  (named RoPE schemes; imports only torch and the names above)

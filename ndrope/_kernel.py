@@ -51,7 +51,8 @@ _ISA_FLAGS = {
 
 
 class _Operand(ctypes.Structure):
-    _fields_ = [("data", ctypes.c_void_p), ("strides", ctypes.POINTER(ctypes.c_int64))]
+    # pointers are c_void_p here (a plain int to set, no ctypes cast per call); the C side types them
+    _fields_ = [("data", ctypes.c_void_p), ("strides", ctypes.c_void_p)]
 
 
 class _RotaryCall(ctypes.Structure):
@@ -67,7 +68,7 @@ class _RotaryCall(ctypes.Structure):
         ("ndim", ctypes.c_int64),
         ("pairs", ctypes.c_int64),
         ("dim", ctypes.c_int64),
-        ("sizes", ctypes.POINTER(ctypes.c_int64)),
+        ("sizes", ctypes.c_void_p),
         ("n_operands", ctypes.c_int64),
         ("operands", _Operand * _MAX_OPERANDS),
     ]
@@ -205,33 +206,33 @@ def failure() -> BaseException | None:
     return _failure
 
 
-def _int64s(values: tuple[int, ...]) -> ctypes.Array:
-    return (ctypes.c_int64 * max(len(values), 1))(*values)
-
-
 def run(entry: str, x: Tensor, table_dtype: torch.dtype, interleaved: bool, inverse: bool, operands: list) -> None:
     """Describe one call over x's rows and run it; ``operands`` are tensors (or None) with x's row dims."""
     lib = library()
-    call = _RotaryCall()
-    call.abi_version = ABI_VERSION
-    call.x_dtype = DTYPE_CODES[x.dtype]
-    call.table_dtype = TABLE_DTYPE_CODES[table_dtype]
-    call.interleaved, call.inverse = int(interleaved), int(inverse)
-    call.threads = torch.get_num_threads()
     rows = x.dim() - 1
-    call.ndim, call.dim = rows, x.shape[-1]
-    call.pairs = operands[2 if entry == "ndrope_rotate_backward" else 1].shape[-1]
-    sizes = _int64s(tuple(x.shape[:-1]))
-    call.sizes = ctypes.cast(sizes, ctypes.POINTER(ctypes.c_int64))
-    call.n_operands = len(operands)
-    keep = [sizes]  # the arrays must outlive the call
+    # one int64 buffer: the row sizes, then each operand's strides over them
+    numbers = list(x.shape[:-1])
+    for tensor in operands:
+        numbers.extend(tensor.stride()[:-1] if tensor is not None else (0,) * rows)
+    buffer = (ctypes.c_int64 * max(len(numbers), 1))(*numbers)
+    base = ctypes.addressof(buffer)
+    call = _RotaryCall(
+        ABI_VERSION,
+        DTYPE_CODES[x.dtype],
+        TABLE_DTYPE_CODES[table_dtype],
+        int(interleaved),
+        int(inverse),
+        torch.get_num_threads(),
+        rows,
+        operands[2 if entry == "ndrope_rotate_backward" else 1].shape[-1],
+        x.shape[-1],
+        base,
+        len(operands),
+    )
     for index, tensor in enumerate(operands):
-        if tensor is None:
-            continue
-        strides = _int64s(tuple(tensor.stride()[:-1]))
-        keep.append(strides)
-        call.operands[index].data = tensor.data_ptr()
-        call.operands[index].strides = ctypes.cast(strides, ctypes.POINTER(ctypes.c_int64))
+        if tensor is not None:
+            call.operands[index].data = tensor.data_ptr()
+            call.operands[index].strides = base + 8 * rows * (index + 1)
     status = getattr(lib, entry)(ctypes.byref(call))
     if status != 0:
         shapes = ", ".join(f"{t.dtype} {tuple(t.shape)}" for t in operands if t is not None)

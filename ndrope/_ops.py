@@ -4,11 +4,15 @@ RoPE is memory-bound: at best it reads x once and writes the output once. ``ndro
 that on CPU with the C++ kernel (`_kernel`), and with ``mul`` + ``addcmul_`` written straight into the
 output on other devices (or where the kernel is unavailable). Being one registered op with a fake
 implementation, an autograd formula and a vmap rule, it is a single node for ``torch.compile``,
-``torch.export``, fake tensors and ``torch.func``.
+``torch.export`` and fake tensors.
 
 Autograd: the output is R(angle) x, so d out / d x is R(-angle): the backward is the same op with
 ``inverse=True`` and saves only the cos/sin tables (plus x when the angles need a gradient, as for
 learned RoPE-Mixed frequencies, whose gradients ``ndrope::rotate_backward`` computes in the same pass).
+The formula is registered on the op and also wrapped in `Rotate`, the autograd.Function that
+`ndrope.apply_rotary` calls: torch.func transforms (grad, jacrev, vmap of grad) reject ops whose
+autograd comes from ``register_autograd`` (pytorch/pytorch#168393), but accept an autograd.Function
+with a ``setup_context``.
 
 Inputs, as `ndrope.apply_rotary` prepares them: x (..., N, D) whose rows (..., N) are the output's,
 cos/sin (..., N, P) broadcastable to those rows, both in the compute dtype (float32 or float64, at
@@ -17,6 +21,7 @@ least x's precision), unit stride on the last dim.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -132,9 +137,9 @@ def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
     cos, sin, x = ctx.saved_tensors
     grad = grad.contiguous()  # e.g. the expanded ones of out.sum()
     if x is None:
-        return rotate(grad, cos, sin, ctx.interleaved, not ctx.inverse), None, None, None, None
+        return Rotate.apply(grad, cos, sin, ctx.interleaved, not ctx.inverse), None, None, None, None
     if torch.is_grad_enabled():  # create_graph: stay differentiable
-        grad_x = rotate(grad, cos, sin, ctx.interleaved, not ctx.inverse)
+        grad_x = Rotate.apply(grad, cos, sin, ctx.interleaved, not ctx.inverse)
         grad_cos, grad_sin = _angle_grads(grad, x, cos, ctx.interleaved, ctx.inverse)
     else:
         grad_x, grad_cos, grad_sin = rotate_backward(grad, x, cos, sin, ctx.interleaved, ctx.inverse)
@@ -142,6 +147,29 @@ def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
 
 
 rotate.register_autograd(_backward, setup_context=_setup_context)
+
+
+class Rotate(torch.autograd.Function):
+    """``ndrope::rotate`` with the same autograd formula, in the form torch.func accepts."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, inverse: bool) -> Tensor:
+        return rotate(x, cos, sin, interleaved, inverse)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        _setup_context(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        return _backward(ctx, grad)
+
+
+# Function.apply binds the arguments to forward's signature on every call; inspect.signature returns a
+# precomputed __signature__ at once instead of rebuilding it (tens of microseconds per rotation).
+Rotate.forward.__signature__ = inspect.signature(Rotate.forward)
 
 
 @rotate.register_vmap

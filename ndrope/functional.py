@@ -193,17 +193,17 @@ def angles(positions: Tensor, freqs: Tensor, *, dtype: torch.dtype | None = None
     pos, fr = positions.to(wide), freqs.to(wide)
     if fr.dim() == 3:
         pos = pos.unsqueeze(-3)  # (..., 1, N, A) against (H, A, P)
-    theta = pos @ fr
+    phase = pos @ fr
     if dtype != torch.float64 and wide == torch.float64:
-        theta = torch.remainder(theta + math.pi, 2 * math.pi) - math.pi
-    return theta.to(dtype)
+        phase = torch.remainder(phase + math.pi, 2 * math.pi) - math.pi
+    return phase.to(dtype)
 
 
-def cos_sin(angles: Tensor) -> tuple[Tensor, Tensor]:
-    """The (cos, sin) pair of angles (..., N, P): compute once per forward and share between layers."""
-    check_tensor("angles", angles, min_rank=1)
-    check_floating("angles", angles)
-    return torch.cos(angles), torch.sin(angles)
+def cos_sin(phase: Tensor) -> tuple[Tensor, Tensor]:
+    """The (cos, sin) pair of angles ``phase`` (..., N, P): compute once per forward, share between layers."""
+    check_tensor("phase", phase, min_rank=1)
+    check_floating("phase", phase)
+    return torch.cos(phase), torch.sin(phase)
 
 
 def _as_cos_sin(rotation: Rotation) -> tuple[Tensor, Tensor]:
@@ -262,13 +262,13 @@ def apply_rotary(x: Tensor, rotation: Rotation, *, layout: Layout = "half") -> T
     The math runs in at least float32 (the rotation's dtype, if wider); returns x's dtype, and the
     broadcast shape of x and the rotation (x's shape unless the rotation has more leading dims).
     One registered op (``ndrope::rotate``): a one-pass C++ kernel on CPU whose backward saves only
-    cos/sin; ``torch.compile``, ``torch.export`` and ``torch.func`` see a single node.
+    cos/sin; ``torch.compile``, ``torch.export``, fake tensors and ``torch.func`` work through it.
     """
     check_choice("layout", layout, Layout)
     cos, sin = _as_cos_sin(rotation)
     rows = _output_rows(x, cos)
     check_same_device("the rotation", cos, "x", x)
-    compute = torch.promote_types(torch.promote_types(x.dtype, cos.dtype), torch.float32)
+    compute = torch.float64 if torch.float64 in (x.dtype, cos.dtype) else torch.float32  # x, cos are floating
     if cos.dtype != compute or sin.dtype != compute:
         cos, sin = cos.to(compute), sin.to(compute)
     if cos.stride(-1) != 1 or sin.stride(-1) != 1:
@@ -277,4 +277,4 @@ def apply_rotary(x: Tensor, rotation: Rotation, *, layout: Layout = "half") -> T
         x = x.contiguous()
     if rows != tuple(x.shape[:-1]):
         x = x.expand(*rows, x.shape[-1])
-    return _ops.rotate(x, cos, sin, layout == "interleaved", False)
+    return _ops.Rotate.apply(x, cos, sin, layout == "interleaved", False)

@@ -215,8 +215,8 @@ class RotaryEmbedding(nn.Module):
                 cos, sin = self.reference_cos, self.reference_sin
             else:
                 freqs = self.frequencies(grid_shape, mode=mode)
-                angles = rope_f.angles(self.positions(grid_shape, mode=mode), freqs, dtype=torch.float32)
-                cos, sin = rope_f.cos_sin(angles)
+                phase = rope_f.angles(self.positions(grid_shape, mode=mode), freqs, dtype=torch.float32)
+                cos, sin = rope_f.cos_sin(phase)
         if num_prefix_tokens:
             prefix = (*cos.shape[:-2], num_prefix_tokens, cos.shape[-1])
             cos = torch.cat((cos.new_ones(prefix), cos), dim=-2)

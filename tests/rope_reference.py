@@ -58,3 +58,23 @@ def meta_complex_rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
     freqs_cis = torch.polar(torch.ones(positions.shape[0], dim // 2, dtype=torch.float64), torch.outer(positions.double(), inv_freq))
     x_complex = torch.view_as_complex(x.double().reshape(*x.shape[:-1], -1, 2))
     return torch.view_as_real(x_complex * freqs_cis).flatten(-2)
+
+
+def even_split(pairs: int, n_axes: int) -> tuple[int, ...]:
+    """Pairs per axis as the README states the default: as even as possible, the last axes one more."""
+    base, extra = divmod(pairs, n_axes)
+    return tuple(base + (1 if axis >= n_axes - extra else 0) for axis in range(n_axes))
+
+
+def rotate_formula(x: Tensor, cos: Tensor, sin: Tensor, layout: str) -> Tensor:
+    """The textbook pair rotation (x1 c - x2 s, x2 c + x1 s) on the first 2P channels, in float64,
+    returned in x's dtype after one rounding. cos/sin (..., N, P) broadcast against x (..., N, D)."""
+    pairs, dim = cos.shape[-1], x.shape[-1]
+    first, second = pair_index(dim, pairs, layout)
+    wide, c, s = x.double(), cos.double(), sin.double()
+    shape = torch.broadcast_shapes(wide.shape[:-1], c.shape[:-1])
+    out = wide.expand(*shape, dim).clone()
+    x1, x2 = wide[..., first], wide[..., second]
+    out[..., first] = x1 * c - x2 * s
+    out[..., second] = x2 * c + x1 * s
+    return out.to(x.dtype)

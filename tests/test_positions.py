@@ -87,17 +87,30 @@ class TestAugmentPositions:
         torch.testing.assert_close(delta, delta[:1].expand_as(delta), atol=1e-12, rtol=0)
         assert (delta.abs() <= 2.0).all() and (delta.abs() > 0).all()
 
-    def test_jitter_scales_offsets_per_axis_within_bounds(self):
+    def test_jitter_scales_about_the_origin_per_axis_within_bounds(self):
+        """DINOv3's law scales coordinates about their origin (not the grid's centroid)."""
         positions = ndrope.grid((4, 5), dtype=torch.float64)
         scales = []
         for seed in range(50):
             out = ndrope.augment_positions(positions, jitter=2.0, generator=torch.Generator().manual_seed(seed))
-            scale = (out[-1] - out[0]) / (positions[-1] - positions[0])  # per-axis stretch of the grid
-            torch.testing.assert_close(out.mean(0), positions.mean(0), atol=1e-12, rtol=0)  # about the centre
+            scale = out[-1] / positions[-1]  # per-axis factor of the last patch (3, 4)
+            torch.testing.assert_close(out, positions * scale, atol=1e-12, rtol=1e-12)  # p * s: the origin stays
             scales.append(scale)
         scales = torch.stack(scales)
         assert (scales >= 0.5 - 1e-12).all() and (scales <= 2.0 + 1e-12).all()
         assert (scales[:, 0] - scales[:, 1]).abs().max() > 0.1  # independent per axis
+
+    def test_shift_then_scale(self):
+        """(p + U(-shift, shift)) * exp(U(+-log jitter)) * exp(U(+-log rescale)), one draw per call, in that order."""
+        positions = ndrope.grid((3, 4), dtype=torch.float64)
+        out = ndrope.augment_positions(positions, shift=2.0, jitter=1.5, rescale=3.0, generator=torch.Generator().manual_seed(4))
+        g = torch.Generator().manual_seed(4)
+        shift = (torch.rand(2, generator=g, dtype=torch.float64) * 2 - 1) * 2.0
+        jitter = ((torch.rand(2, generator=g, dtype=torch.float64) * 2 - 1) * math.log(1.5)).exp()
+        rescale = ((torch.rand(1, generator=g, dtype=torch.float64) * 2 - 1) * math.log(3.0)).exp()
+        torch.testing.assert_close(out, (positions + shift) * jitter * rescale, atol=1e-12, rtol=1e-12)
+        centred = (positions - positions.mean(0)) * jitter * rescale + positions.mean(0) + shift  # the old law
+        assert (out - centred).abs().max() > 0.1
 
     def test_rescale_is_shared_by_all_axes(self):
         positions = ndrope.grid((3, 3, 3), dtype=torch.float64)
@@ -105,6 +118,7 @@ class TestAugmentPositions:
         scale = (out[-1] - out[0]) / (positions[-1] - positions[0])
         torch.testing.assert_close(scale, scale[:1].expand(3), atol=1e-12, rtol=0)
         assert 1 / 3 <= scale[0] <= 3 and scale[0] != 1
+        torch.testing.assert_close(out, positions * scale[0], atol=1e-12, rtol=1e-12)  # about the origin
 
     @pytest.mark.parametrize("kwargs", [dict(shift=-1.0), dict(jitter=0.5), dict(rescale=float("nan"))])
     def test_bad_strength_is_named(self, kwargs):

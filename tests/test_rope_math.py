@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import ndrope
-from rope_reference import llama_rope, meta_complex_rope, pair_index, rotate_with_matrices
+from rope_reference import even_split, llama_rope, meta_complex_rope, pair_index, rotate_with_matrices
 
 NDIMS = [1, 2, 3, 4]
 LAYOUTS = ["half", "interleaved"]
@@ -85,7 +85,7 @@ class TestRotationProperties:
 class TestAxialSeparability:
     def test_moving_along_one_axis_changes_only_its_channels(self, ndim, layout):
         freqs = make_freqs("axial", ndim)
-        sizes = ndrope.split_pairs(DIM // 2, ndim)
+        sizes = even_split(DIM // 2, ndim)
         positions = random_positions(6, ndim, torch.float64)
         x, _ = heads_qk(6, torch.float64)
         base = rotate(x, positions, freqs, layout)
@@ -175,7 +175,9 @@ class TestFrequencies:
             assert ((freqs != 0).sum(dim=0) == 1).all()
 
     def test_uneven_split_gives_the_extra_pairs_to_the_last_axes(self):
-        assert ndrope.split_pairs(32, 3) == (10, 11, 11)
+        assert (ndrope.axial_frequencies(64, 3) != 0).sum(dim=1).tolist() == [10, 11, 11]
+        norms = ndrope.mixed_frequencies(64, 3, 2, dtype=torch.float64).norm(dim=1)  # (H, P): each direction's ladder
+        assert (norms - 1).abs().lt(1e-12).nonzero()[:, 1].tolist() == [0, 10, 21, 0, 10, 21]
         freqs = ndrope.axial_frequencies(64, 3, axis_dims=(8, 12, 12))
         assert (freqs != 0).sum(dim=1).tolist() == [8, 12, 12]
 
@@ -193,7 +195,7 @@ class TestFrequencies:
     def test_mixed_directions_are_orthonormal_in_any_dimension(self):
         for n_axes in NDIMS:
             freqs = ndrope.mixed_frequencies(48, n_axes, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-            starts = [sum(ndrope.split_pairs(24, n_axes)[:i]) for i in range(n_axes)]
+            starts = [sum(even_split(24, n_axes)[:i]) for i in range(n_axes)]
             basis = freqs[:, :, starts]  # the k = 0 pair of every direction has magnitude 1
             eye = torch.eye(n_axes, dtype=torch.float64).expand(2, -1, -1)
             torch.testing.assert_close(basis.transpose(1, 2) @ basis, eye, atol=1e-12, rtol=0)
@@ -207,7 +209,7 @@ class TestFrequencies:
         """theta' = theta * s ** (m / (m - 1)) on each axis, s >= 1; smaller grids keep theta."""
         theta, sizes = 100.0, (4, 6)
         freqs = ndrope.axial_frequencies(20, 2, theta=theta, axis_dims=sizes, dtype=torch.float64)
-        scaled = ndrope.ntk_scaled_frequencies(freqs, (2.0, 0.5), ndrope.ladder_fraction(sizes, dtype=torch.float64))
+        scaled = ndrope.ntk_scaled_frequencies(freqs, (2.0, 0.5))
         expected_h = ndrope.axial_frequencies(8, 1, theta=theta * 2.0 ** (4 / 3), dtype=torch.float64)[0]
         torch.testing.assert_close(scaled[0, :4], expected_h, atol=1e-12, rtol=1e-12)
         torch.testing.assert_close(scaled[1, 4:], freqs[1, 4:], atol=0, rtol=0)
@@ -220,11 +222,16 @@ class TestAngles:
         assert ndrope.angles(positions, ndrope.mixed_frequencies(16, 2, 3)).shape == (5, 3, 7, 8)
         assert ndrope.angles(positions[0], ndrope.mixed_frequencies(16, 2, 3)).shape == (3, 7, 8)
 
-    def test_dtype_float32_unless_float64_given(self):
+    def test_dtype_float32_unless_float64_positions_or_asked(self):
         freqs = ndrope.axial_frequencies(8, 1)
-        assert ndrope.angles(torch.arange(4).view(4, 1), freqs).dtype == torch.float32
-        assert ndrope.angles(torch.zeros(4, 1, dtype=torch.bfloat16), freqs).dtype == torch.float32
-        assert ndrope.angles(torch.zeros(4, 1, dtype=torch.float64), freqs).dtype == torch.float64
+        assert freqs.dtype == torch.float64  # the true ladder by default
+        for f in (freqs, freqs.float()):  # the freqs' dtype does not decide
+            assert ndrope.angles(torch.arange(4).view(4, 1), f).dtype == torch.float32
+            assert ndrope.angles(torch.zeros(4, 1, dtype=torch.bfloat16), f).dtype == torch.float32
+            assert ndrope.angles(torch.zeros(4, 1, dtype=torch.float64), f).dtype == torch.float64
+            assert ndrope.angles(torch.zeros(4, 1), f, dtype=torch.float64).dtype == torch.float64
+        with pytest.raises(TypeError, match="dtype=torch.int32 must be a floating-point dtype"):
+            ndrope.angles(torch.zeros(4, 1), freqs, dtype=torch.int32)
 
     def test_large_positions_keep_float64_accuracy(self):
         """Positions up to 1e5: the float32 angles are exact modulo 2*pi to float32 rounding."""

@@ -32,8 +32,16 @@ class TestFrequencyArguments:
 
     @pytest.mark.parametrize("theta", [0.0, -1.0, float("inf")])
     def test_bad_theta(self, theta):
-        with pytest.raises(ValueError, match=r"theta=.* must be a positive finite number"):
+        with pytest.raises(ValueError, match=r"theta=.* must be a finite number > 0"):
             ndrope.axial_frequencies(8, 1, theta=theta)
+        with pytest.raises(ValueError, match=r"theta=.* must be a finite number > 0"):
+            ndrope.mixed_frequencies(8, 2, 1, theta=theta)
+        with pytest.raises(ValueError, match=r"theta=.* must be a finite number > 0"):
+            ndrope.RotaryEmbedding(8, 1, theta=theta)
+
+    def test_non_number_theta(self):
+        with pytest.raises(TypeError, match=r"theta='100' must be a finite number > 0"):
+            ndrope.axial_frequencies(8, 1, theta="100")
 
     def test_bad_num_heads(self):
         with pytest.raises(ValueError, match=r"num_heads=0 must be an int >= 1"):
@@ -77,15 +85,15 @@ class TestApplyRotaryArguments:
             ndrope.apply_rotary(torch.zeros(1, 4, 8), torch.zeros(4, 4), layout="neox")
 
     def test_too_many_pairs_for_the_head(self):
-        with pytest.raises(ValueError, match=r"angles rotate 8 pairs = 16 channels but x has only D=8 channels"):
+        with pytest.raises(ValueError, match=r"the rotation turns 8 pairs = 16 channels but x has only D=8 channels"):
             ndrope.apply_rotary(torch.zeros(1, 4, 8), torch.zeros(4, 8))
 
     def test_token_count_mismatch(self):
-        with pytest.raises(ValueError, match=r"angles are for 5 tokens but x has N=4 tokens"):
+        with pytest.raises(ValueError, match=r"the rotation is for 5 tokens but x has N=4 tokens"):
             ndrope.apply_rotary(torch.zeros(1, 4, 8), torch.zeros(5, 4))
 
     def test_mismatched_heads(self):
-        with pytest.raises(ValueError, match=r"angles leading dims \(3,\) do not broadcast against x leading dims \(2, 4\)"):
+        with pytest.raises(ValueError, match=r"the rotation's leading dims \(3,\) do not broadcast against x's leading dims \(2, 4\)"):
             ndrope.apply_rotary(torch.zeros(2, 4, 5, 8), torch.zeros(3, 5, 4))
 
     def test_integer_x(self):
@@ -95,7 +103,7 @@ class TestApplyRotaryArguments:
     def test_bad_cos_sin_pair(self):
         with pytest.raises(ValueError, match=r"cos \(4, 4\) and sin \(4, 3\) must have the same shape"):
             ndrope.apply_rotary(torch.zeros(1, 4, 8), (torch.zeros(4, 4), torch.zeros(4, 3)))
-        with pytest.raises(TypeError, match="angles must be a Tensor of angles or a \\(cos, sin\\) pair"):
+        with pytest.raises(TypeError, match="rotation must be a Tensor of angles or a \\(cos, sin\\) pair"):
             ndrope.apply_rotary(torch.zeros(1, 4, 8), 0.5)
 
 
@@ -109,3 +117,33 @@ class TestGridArguments:
     def test_reference_rank(self):
         with pytest.raises(ValueError, match=r"reference_shape=\(4,\) must have as many axes as shape=\(4, 4\)"):
             ndrope.grid((4, 4), reference_shape=(4,))
+
+
+class TestSiblingsOfIssue12:
+    """More bad inputs of the kinds issue 12 lists: each must be refused with its argument's name."""
+
+    def test_mode_is_checked_for_explicit_positions_too(self):
+        rope = ndrope.RotaryEmbedding(16, 2, reference_shape=(2, 2))
+        with pytest.raises(ValueError, match=r"mode='bicubic' is not supported"):
+            rope.rotation(ndrope.grid((2, 2)), mode="bicubic")
+        q = torch.zeros(1, 2, 4, 16)
+        with pytest.raises(ValueError, match=r"mode='bicubic' is not supported"):
+            rope(q, q, ndrope.grid((2, 2)), mode="bicubic")
+
+    def test_rank_one_positions_in_forward(self):
+        q = torch.zeros(1, 2, 5, 16)
+        with pytest.raises(ValueError, match=r"positions must have rank >= 2, got shape \(5,\)"):
+            ndrope.RotaryEmbedding(16, 2)(q, q, torch.zeros(5))
+
+    @pytest.mark.parametrize("offset", ["a", True, (1.0, "b")])
+    def test_grid_offset_that_is_not_a_number(self, offset):
+        with pytest.raises((TypeError, ValueError), match="offset="):
+            ndrope.grid((2, 2), offset=offset)
+
+    def test_integer_angles_name_the_rotation(self):
+        with pytest.raises(TypeError, match=r"(rotation|angles) must be a floating-point tensor, got dtype torch.int64"):
+            ndrope.apply_rotary(torch.zeros(1, 4, 8), torch.zeros(4, 4, dtype=torch.long))
+
+    def test_rotation_on_another_device(self):
+        with pytest.raises(ValueError, match="the rotation is on meta but x is on cpu"):
+            ndrope.apply_rotary(torch.zeros(1, 4, 8), torch.zeros(4, 4, device="meta"))

@@ -18,9 +18,12 @@ DIM, HEADS, TOKENS = 48, 3, 17  # D = 16, P = 8
 def rotation(per_head: bool, tokens: int = TOKENS, prefix: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin) for a 4 x 4 grid after ``prefix`` unrotated tokens, shared or per head."""
     torch.manual_seed(5)
-    kind = dict(kind="mixed", num_heads=HEADS) if per_head else dict(kind="axial", theta=100.0)
-    rope = ndrope.RotaryEmbedding(DIM // HEADS, 2, layout=ROPE_LAYOUT, **kind).double()
-    return rope.cos_sin((4, 4), num_prefix_tokens=prefix)
+    if per_head:
+        rope = ndrope.RotaryEmbedding.mixed(DIM // HEADS, 2, HEADS, layout=ROPE_LAYOUT)
+    else:
+        rope = ndrope.RotaryEmbedding(DIM // HEADS, 2, theta=100.0, layout=ROPE_LAYOUT)
+    cos, sin = rope.rotation((4, 4), num_prefix_tokens=prefix)
+    return cos.detach().double(), sin.detach().double()
 
 
 def attention(cls=RopeAttention, **kwargs) -> torch.nn.Module:

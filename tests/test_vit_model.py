@@ -12,6 +12,7 @@ from torch.testing import assert_close
 
 import ndrope
 import vit
+from rope_reference import even_split
 from vit import POS_EMBED_CHOICES, create_vit
 
 param = pytest.mark.parametrize
@@ -126,10 +127,9 @@ class TestPositionInformation:
         unchanged when no token is unrotated; with a class token (absolute reference) it does not."""
         for class_token, invariant in ((False, True), (True, False)):
             pool = "avg" if not class_token else "token"
-            model = tiny(pos_embed, class_token=class_token, global_pool=pool).double()
+            model = tiny(pos_embed, class_token=class_token, global_pool=pool, rope_shift=5.0).double()
             x = images(32, 32, dtype=torch.float64)
-            reference = model(x)
-            model.rope.shift = 5.0  # positions += U(-5, 5) per axis, applied in training mode only
+            reference = model(x)  # eval: no augmentation; in training positions += U(-5, 5) per axis
             torch.manual_seed(0)
             shifted = model.train()(x)
             if invariant:
@@ -165,19 +165,55 @@ class TestResolutionMode:
         built = tiny("rope_mixed", rope_resolution_mode=mode)
         switched = tiny("rope_mixed")
         vit.set_resolution_mode(switched, mode)
-        assert built.rope.resolution_mode == switched.rope.resolution_mode == mode
+        assert built.rope_resolution_mode == switched.rope_resolution_mode == mode
         assert_close(built(images(48, 48)), switched(images(48, 48)), atol=0, rtol=0)
 
     def test_setter_reaches_models_inside_other_modules(self):
         wrapper = nn.ModuleDict({"backbone": tiny("rope_axial"), "other": nn.Linear(2, 2)})
         vit.set_resolution_mode(wrapper, "ntk")
-        assert wrapper["backbone"].rope.resolution_mode == "ntk"
+        assert wrapper["backbone"].rope_resolution_mode == "ntk"
         with pytest.raises(TypeError, match="Linear"):
             vit.set_resolution_mode(nn.Linear(2, 2), "ntk")
 
     def test_default_is_the_module_constant(self):
-        assert tiny("rope_axial").rope.resolution_mode == vit.DEFAULT_RESOLUTION_MODE
+        assert tiny("rope_axial").rope_resolution_mode == vit.DEFAULT_RESOLUTION_MODE
         assert tiny("learned").rope_resolution_mode == vit.DEFAULT_RESOLUTION_MODE
+
+
+class TestRopeAugmentation:
+    """rope_shift / rope_jitter / rope_rescale: DINOv3's coordinate augmentation, in training only."""
+
+    AUG = dict(rope_shift=1.0, rope_jitter=1.5, rope_rescale=2.0)
+
+    @param("pos_embed", ROPE_CHOICES)
+    def test_active_in_training_only(self, pos_embed):
+        model = tiny(pos_embed, **self.AUG)
+        x = images(32, 32)
+        assert not model.augments_positions
+        assert_close(model(x), tiny(pos_embed)(x), atol=0, rtol=0)  # eval: exactly the plain model
+        model.train()
+        assert model.augments_positions
+        assert (model(x) - model(x)).abs().max() > 1e-5  # a new draw every forward
+        assert not tiny(pos_embed).train().augments_positions  # off by default
+
+    @param("mode", ["extrapolate", "interpolate"])
+    def test_tables_are_ndrope_augment_positions_of_the_grid(self, mode):
+        model = tiny("rope_axial", rope_resolution_mode=mode, **self.AUG).train()
+        torch.manual_seed(3)
+        cos, sin = model.rotary_tables((12, 12))[0]
+        torch.manual_seed(3)
+        positions = ndrope.augment_positions(
+            model.rope.positions((12, 12), mode=mode), shift=1.0, jitter=1.5, rescale=2.0
+        )
+        expected = model.rope.rotation(positions, num_prefix_tokens=1)
+        assert_close((cos, sin), expected, atol=0, rtol=0)
+        plain = model.eval().rotary_tables((12, 12))[0]
+        assert (cos - plain[0]).abs().max() > 1e-3
+
+    def test_mixed_tables_stay_differentiable(self):
+        model = tiny("rope_mixed", **self.AUG).train()
+        model(images(32, 32)).sum().backward()
+        assert model.rope.freqs.grad is not None and model.rope.freqs.grad.abs().max() > 0
 
 
 class TestTables:
@@ -196,9 +232,13 @@ class TestTables:
             assert_close(sin[..., :3, :], torch.zeros_like(sin[..., :3, :]), atol=0, rtol=0)
 
     def test_rope_theta_defaults_and_override(self):
-        assert tiny("rope_axial").rope.theta == vit.ROPE_THETA["axial"] == 100.0
-        assert tiny("rope_mixed").rope.theta == vit.ROPE_THETA["mixed"] == 10.0
-        assert tiny("rope_axial", rope_theta=10000.0).rope.theta == 10000.0
+        assert vit.ROPE_THETA["axial"] == 100.0 and vit.ROPE_THETA["mixed"] == 10.0
+        for theta, kwargs in ((100.0, {}), (10000.0, dict(rope_theta=10000.0))):
+            expected = ndrope.axial_frequencies(16, 2, theta=theta)  # head_dim 16
+            assert_close(tiny("rope_axial", **kwargs).rope.freqs, expected, atol=0, rtol=0)
+        ladder = 10.0 ** (-torch.arange(4, dtype=torch.float64) / 4)  # per direction: 4 pairs, theta 10
+        norms = tiny("rope_mixed").rope.freqs.detach().double().norm(dim=1)  # L * H, P
+        assert_close(norms, torch.cat((ladder, ladder)).expand(6, -1), atol=1e-6, rtol=1e-6)
 
     def test_alibi_bias_is_shared_and_spares_prefix_tokens(self):
         model = tiny("alibi", reg_tokens=1)
@@ -271,17 +311,18 @@ class TestNDim:
         case = dict(self.CASES[ndim])
         case.pop("test_size")
         model = tiny("rope_axial", ndim=ndim, **case).double()
-        pairs = ndrope.split_pairs(16 // 2, ndim)  # head_dim 16
+        pairs = even_split(16 // 2, ndim)  # head_dim 16
         time_pairs = torch.zeros(8, dtype=torch.bool)
         time_pairs[: pairs[0]] = True
-        positions = model.rope.grid_positions(model.patch_embed.grid_size).double()
+        positions = model.rope.positions(model.patch_embed.grid_size).double()
         step = torch.zeros(ndim, dtype=torch.float64)
         step[0] = 1.0
-        before, after = model.rope.angles(positions), model.rope.angles(positions + step)
+        before, after = ndrope.angles(positions, model.rope.freqs), ndrope.angles(positions + step, model.rope.freqs)
         assert (after - before)[:, time_pairs].abs().min() > 1e-3
         assert_close(after[:, ~time_pairs], before[:, ~time_pairs], atol=0, rtol=0)
         q = torch.randn(1, 3, positions.shape[0], 16, dtype=torch.float64)
-        moved = model.rope.rotate(q, after) - model.rope.rotate(q, before)
+        layout = model.rope.layout
+        moved = ndrope.apply_rotary(q, after, layout=layout) - ndrope.apply_rotary(q, before, layout=layout)
         time_channels = torch.cat((time_pairs, time_pairs))  # "half" layout: pair j is channels j and j + 8
         assert moved[..., time_channels].abs().max() > 1e-3
         assert_close(moved[..., ~time_channels], torch.zeros_like(moved[..., ~time_channels]), atol=0, rtol=0)
@@ -421,8 +462,15 @@ class TestErrors:
             create_vit("rope_axial", **{**TINY, "embed_dim": 33})
         with pytest.raises(ValueError, match="embed_dim=50 must be divisible by num_heads=3"):
             create_vit("none", **{**TINY, "embed_dim": 50})
-        with pytest.raises(ValueError, match="dynamic_img_size=False"):
+        with pytest.raises(TypeError, match="dynamic_img_size"):  # always on: not an argument
             create_vit("learned", dynamic_img_size=False, **TINY)
+        with pytest.raises(ValueError, match=r"global_pool='maxx' is not supported; choose one of \['', 'avg'"):
+            create_vit("learned", **{**TINY, "global_pool": "maxx"})
+        with pytest.raises(ValueError, match=r"weight_init='xavier'"):
+            create_vit("learned", weight_init="xavier", **TINY)
+        for name, value in (("rope_shift", -1.0), ("rope_jitter", 0.5), ("rope_rescale", float("nan"))):
+            with pytest.raises(ValueError, match=rf"{name.split('_')[1]}=.*must be a finite number >="):
+                create_vit("rope_axial", **{name: value}, **TINY)
         with pytest.raises(ValueError, match="attn_layer=.*RopeAttention"):
             create_vit("learned", attn_layer=timm.layers.Attention, **TINY)
         with pytest.raises(ValueError, match="ndim=0"):
@@ -430,9 +478,80 @@ class TestErrors:
         with pytest.raises(ValueError, match="integer_norm='mean'"):
             create_vit("integer", integer_norm="mean", **TINY)
 
+    @param("pos_embed", ["rope_axial", "learned"])
+    def test_empty_batch_or_axis(self, pos_embed):
+        model = tiny(pos_embed)
+        with pytest.raises(ValueError, match=r"x has shape \(0, 3, 32, 32\).*batch of 0"):
+            model(images(32, 32, batch=0))
+        with pytest.raises(ValueError, match=r"x has shape \(2, 3, 0, 32\).*empty axis"):
+            model(images(0, 32))
+        with pytest.raises(ValueError, match=r"x has shape \(0, 3, 32, 32\)"):
+            model.forward_intermediates(images(32, 32, batch=0))
+
+    @param("shape", [(2, 65, 64), (5, 1, 65, 65), (2, 3, 65, 64), (1, 1, 1, 65, 65), (64, 64)])
+    def test_attn_mask_of_the_wrong_shape(self, shape):
+        with pytest.raises(ValueError, match=rf"attn_mask has shape \({', '.join(map(str, shape))},?\).*\(2, 3, 65, 65\)"):
+            tiny("rope_axial")(images(32, 32), attn_mask=torch.ones(shape, dtype=torch.bool))
+
+    def test_attn_mask_of_the_wrong_type(self):
+        with pytest.raises(TypeError, match="attn_mask has dtype torch.int64"):
+            tiny("rope_axial")(images(32, 32), attn_mask=torch.ones(65, 65, dtype=torch.long))
+        with pytest.raises(TypeError, match="attn_mask must be a Tensor"):
+            tiny("rope_axial")(images(32, 32), attn_mask=[[True]])
+
+    @param("dtype", [torch.uint8, torch.bfloat16, torch.float16, torch.float64], ids=str)
+    def test_input_dtype_other_than_the_model(self, dtype):
+        x = images(32, 32).abs().mul(50).to(dtype)
+        with pytest.raises(TypeError, match=rf"x has dtype {dtype}"):
+            tiny("rope_mixed")(x)
+
+    @param("mask_dtype", [torch.float32, torch.bool], ids=str)
+    def test_attn_mask_on_another_device(self, mask_dtype):
+        """A float mask on meta was silently ignored (a CPU result came back); a bool one crashed deep in torch."""
+        with pytest.raises(ValueError, match=r"attn_mask .*meta"):
+            tiny("rope_axial")(images(32, 32), attn_mask=torch.zeros(65, 65, dtype=mask_dtype, device="meta"))
+
+    @param(
+        "name, value",
+        [
+            ("reg_tokens", -1),
+            ("patch_drop_rate", 1.5),
+            ("drop_rate", 2.0),
+            ("rope_theta", 0.0),
+            ("rope_shift", -1.0),
+            ("rope_jitter", 0.5),
+            ("rope_rescale", float("inf")),
+        ],
+    )
+    def test_bad_numbers_name_the_vit_argument(self, name, value):
+        with pytest.raises(ValueError, match=rf"\b{name}={value!r}"):
+            create_vit("rope_axial", **{**TINY, name: value})
+
+    def test_unknown_global_pool(self):
+        with pytest.raises(ValueError, match=r"global_pool='maxx' is not supported"):
+            create_vit("rope_axial", **{**TINY, "global_pool": "maxx"})
+
     def test_bad_output_format(self):
         with pytest.raises(ValueError, match="output_fmt='NHWC'"):
             tiny("none").forward_intermediates(images(32, 32), output_fmt="NHWC")
+
+
+@param("pos_embed", ["rope_axial", "rope_mixed"])
+def test_compile_fullgraph_equals_eager(pos_embed):
+    """The rotation is one op and the reference table a buffer: no graph break, eager's values and
+    gradients (aot_eager keeps it fast; the inductor run is in the slow TestCompile)."""
+    torch._dynamo.reset()
+    model = tiny(pos_embed)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = images(32, 32)  # the training grid: its stored table
+    assert_close(compiled(x), model(x), atol=1e-6, rtol=1e-6)
+    model.train()
+    compiled(x).square().sum().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    model(x).square().sum().backward()
+    for name, p in model.named_parameters():
+        assert_close(grads[name], p.grad, atol=1e-5, rtol=1e-5, msg=name)
 
 
 @pytest.mark.slow
@@ -446,9 +565,10 @@ class TestCompile:
         for size in ((32, 32), (48, 48)):
             compiled(images(*size)).sum().backward()
 
-    def test_inductor_matches_eager(self):
+    @param("pos_embed", ROPE_CHOICES)
+    def test_inductor_matches_eager(self, pos_embed):
         torch._dynamo.reset()
-        model = tiny("rope_mixed")
+        model = tiny(pos_embed)
         compiled = torch.compile(model, fullgraph=True)
         x = images(48, 48)
         assert_close(compiled(x), model(x), atol=1e-4, rtol=1e-4)

@@ -25,7 +25,7 @@ class TestSinCos:
     def test_matches_a_loop_reference(self, grid_shape):
         dim = 40
         base, extra = divmod(dim // 2, len(grid_shape))
-        pairs = [base + (axis >= len(grid_shape) - extra) for axis in range(len(grid_shape))]  # as ndrope.split_pairs
+        pairs = [base + (axis >= len(grid_shape) - extra) for axis in range(len(grid_shape))]  # as ndrope splits pairs by default
         expected = torch.zeros(math.prod(grid_shape), dim, dtype=torch.float64)
         for n, position in enumerate(row_major(grid_shape)):
             j = 0
