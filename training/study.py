@@ -347,10 +347,15 @@ def _train_and_test(
     records = []
     for mode in modes:
         eval_path = run_dir / ("test" if mode is None else f"test-{mode}") / "eval.json"
-        if not _tested(eval_path, run_dir / "checkpoints" / "last.ckpt", mode, eval_resolutions, eval_protocols):
+        command = [*test_command(run_dir, eval_resolutions, eval_protocols, mode), *test_args]
+        record = eval_path.parent / "study_test.json"  # the exact test command, so other test_args retest
+        same_command = record.exists() and json.loads(record.read_text())["args"] == command
+        if not (same_command and _tested(eval_path, run_dir / "checkpoints" / "last.ckpt", mode, eval_resolutions,
+                                         eval_protocols)):
             what = f"test {variant} seed {seed}" + (f" {mode}" if mode else "")
-            spent += _run([*test_command(run_dir, eval_resolutions, eval_protocols, mode), *test_args], what,
-                          threads=threads)
+            record.unlink(missing_ok=True)
+            spent += _run(command, what, threads=threads)
+            atomic_write(record, json.dumps({"args": command}, indent=2) + "\n")
         report = json.loads(eval_path.read_text())
         records.append(
             {
