@@ -37,13 +37,14 @@ def check_even_dim(name: str, value: Any) -> int:
     return value
 
 
-def check_number(name: str, value: Any, *, minimum: float = 0.0, inclusive: bool = False) -> float:
-    """A finite real number > ``minimum`` (>= with ``inclusive``)."""
-    bound = f">= {minimum}" if inclusive else f"> {minimum}"
+def check_number(name: str, value: Any, *, minimum: float | None = 0.0, inclusive: bool = False) -> float:
+    """A finite real number, > ``minimum`` (>= with ``inclusive``; any finite number when minimum is None)."""
+    bound = "" if minimum is None else (f" >= {minimum}" if inclusive else f" > {minimum}")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}={value!r} must be a finite number {bound}")
-    if not math.isfinite(value) or value < minimum or (value == minimum and not inclusive):
-        raise ValueError(f"{name}={value!r} must be a finite number {bound}")
+        raise TypeError(f"{name}={value!r} must be a finite number{bound}")
+    below = minimum is not None and (value < minimum or (value == minimum and not inclusive))
+    if not math.isfinite(value) or below:
+        raise ValueError(f"{name}={value!r} must be a finite number{bound}")
     return float(value)
 
 

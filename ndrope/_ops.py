@@ -12,7 +12,8 @@ learned RoPE-Mixed frequencies, whose gradients ``ndrope::rotate_backward`` comp
 The formula is registered on the op and also wrapped in `Rotate`, the autograd.Function that
 `ndrope.apply_rotary` calls: torch.func transforms (grad, jacrev, vmap of grad) reject ops whose
 autograd comes from ``register_autograd`` (pytorch/pytorch#168393), but accept an autograd.Function
-with a ``setup_context``.
+with a ``setup_context``. Forward-mode AD (jvp, hessian) is not provided: Dynamo cannot trace an
+autograd.Function with a custom ``jvp``, and ``torch.compile(fullgraph=True)`` matters more.
 
 Inputs, as `ndrope.apply_rotary` prepares them: x (..., N, D) whose rows (..., N) are the output's,
 cos/sin (..., N, P) broadcastable to those rows, both in the compute dtype (float32 or float64, at
@@ -68,6 +69,7 @@ def _angle_grads(grad: Tensor, x: Tensor, cos: Tensor, interleaved: bool, invers
 def _use_kernel(x: Tensor) -> bool:
     return (
         x.layout == torch.strided
+        and x.numel() > 0  # an empty tensor has no data pointer, which the kernel refuses
         and x.dtype in _kernel.DTYPE_CODES
         and x.dim() - 1 <= _kernel.MAX_ROW_DIMS
         and _kernel.library() is not None

@@ -136,10 +136,14 @@ def ntk_scaled_frequencies(freqs: Tensor, scale: Sequence[float]) -> Tensor:
     check_tensor("freqs", freqs, min_rank=2)
     check_floating("freqs", freqs)
     n_axes = freqs.shape[-2]
+    if n_axes == 0:
+        raise ValueError(f"freqs {tuple(freqs.shape)} has no axes; it must be (A, P) or (H, A, P) with A >= 1")
     if isinstance(scale, (str, bytes)) or not isinstance(scale, Sequence) or len(scale) != n_axes:
         raise ValueError(f"scale={scale!r} must be a sequence of {n_axes} numbers, one per axis of freqs {tuple(freqs.shape)}")
     for value in scale:
         check_number("scale entry", value)
+    if freqs.shape[-1] == 0:
+        return freqs.clone()
     wide = freqs.to(torch.float64)
     log_scale = torch.log(torch.tensor(scale, dtype=torch.float64, device=freqs.device).clamp(min=1.0))
     magnitude = wide.square().sum(dim=-2)  # (..., P): squared column norms
@@ -184,11 +188,16 @@ def angles(positions: Tensor, freqs: Tensor, *, dtype: torch.dtype | None = None
             f"freqs has n_axes={freqs.shape[-2]} (shape {tuple(freqs.shape)}); they must match"
         )
     check_same_device("positions", positions, "freqs", freqs)
-    check_finite("positions", positions)
+    check_finite("positions", positions)  # a device sync on GPU; grid positions skip it (`_phase`)
     if dtype is None:
         dtype = torch.float64 if positions.dtype == torch.float64 else torch.float32
     elif not dtype.is_floating_point:
         raise TypeError(f"dtype={dtype} must be a floating-point dtype")
+    return _phase(positions, freqs, dtype)
+
+
+def _phase(positions: Tensor, freqs: Tensor, dtype: torch.dtype) -> Tensor:
+    """`angles` without validation, for positions that are valid by construction (`grid`)."""
     wide = torch.float64 if positions.device.type != "mps" else torch.float32  # MPS has no float64
     pos, fr = positions.to(wide), freqs.to(wide)
     if fr.dim() == 3:
@@ -208,6 +217,7 @@ def cos_sin(phase: Tensor) -> tuple[Tensor, Tensor]:
 
 def _as_cos_sin(rotation: Rotation) -> tuple[Tensor, Tensor]:
     if isinstance(rotation, Tensor):
+        check_floating("rotation", rotation)
         return cos_sin(rotation)
     if isinstance(rotation, (tuple, list)) and len(rotation) == 2 and all(isinstance(t, Tensor) for t in rotation):
         cos, sin = rotation
@@ -277,4 +287,6 @@ def apply_rotary(x: Tensor, rotation: Rotation, *, layout: Layout = "half") -> T
         x = x.contiguous()
     if rows != tuple(x.shape[:-1]):
         x = x.expand(*rows, x.shape[-1])
+    if torch.jit.is_tracing():  # TorchScript records the op itself, not a Python autograd.Function
+        return _ops.rotate(x, cos, sin, layout == "interleaved", False)
     return _ops.Rotate.apply(x, cos, sin, layout == "interleaved", False)

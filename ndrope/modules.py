@@ -123,6 +123,7 @@ class RotaryEmbedding(nn.Module):
         else:
             self.register_buffer("freqs", freqs.to(torch.promote_types(freqs.dtype, torch.float32)), persistent=persistent)
         self._freqs_dtype = self.freqs.dtype
+        self._table_dtype = torch.float32  # float64 after .double(); never below float32
         # the training grid's table, for fixed frequencies: rebuilt, never saved (timm's pattern)
         table = self._reference_table() if self.reference_shape is not None and not learnable else None
         self.register_buffer("reference_cos", None if table is None else table[0], persistent=False)
@@ -149,6 +150,7 @@ class RotaryEmbedding(nn.Module):
         # .to(dtype)/.half()/.bfloat16() cast every floating tensor: keep the frequencies' precision
         # (and rebuild the table) while following device moves.
         exact = self.freqs.detach().clone()
+        self._table_dtype = torch.promote_types(fn(torch.zeros((), dtype=self._table_dtype)).dtype, torch.float32)
         super()._apply(fn, recurse)
         if self.freqs.dtype != self._freqs_dtype:
             restored = exact.to(device=self.freqs.device)
@@ -170,9 +172,10 @@ class RotaryEmbedding(nn.Module):
         return shape
 
     def _reference_table(self) -> tuple[Tensor, Tensor]:
-        with torch.no_grad():
+        # never an inference tensor, whatever mode the module is built or moved in: it serves autograd
+        with torch.no_grad(), torch.inference_mode(False):
             positions = grid(self.reference_shape, device=self.freqs.device)
-            return rope_f.cos_sin(rope_f.angles(positions, self.freqs))
+            return rope_f.cos_sin(rope_f._phase(positions, self.freqs, self._table_dtype))
 
     def positions(self, grid_shape: Sequence[int], *, mode: ResolutionMode = "extrapolate") -> Tensor:
         """Positions (N, A) of a row-major grid under a resolution mode (``"ntk"`` positions are integer)."""
@@ -203,31 +206,27 @@ class RotaryEmbedding(nn.Module):
         and register tokens stay unrotated. Compute once per forward and pass to every layer.
         """
         check_int("num_prefix_tokens", num_prefix_tokens, minimum=0)
+        check_choice("mode", mode, ResolutionMode)
         if isinstance(positions, Tensor):
             check_tensor("positions", positions, min_rank=2)
             if positions.shape[-1] != self.n_axes:
                 raise ValueError(f"positions shape {tuple(positions.shape)} must end with n_axes={self.n_axes} coordinates")
-            cos, sin = rope_f.cos_sin(rope_f.angles(positions.to(self.freqs.device), self.freqs, dtype=torch.float32))
+            phase = rope_f.angles(positions.to(self.freqs.device), self.freqs, dtype=self._table_dtype)
+            cos, sin = rope_f.cos_sin(phase)
         else:
             grid_shape = self._check_grid("grid_shape", positions)
-            check_choice("mode", mode, ResolutionMode)
-            if self._has_reference_table(grid_shape):
+            if self.reference_cos is not None and grid_shape == self.reference_shape:
                 cos, sin = self.reference_cos, self.reference_sin
             else:
                 freqs = self.frequencies(grid_shape, mode=mode)
-                phase = rope_f.angles(self.positions(grid_shape, mode=mode), freqs, dtype=torch.float32)
+                # grid positions are finite by construction: no NaN check (a device sync on GPU)
+                phase = rope_f._phase(self.positions(grid_shape, mode=mode), freqs, self._table_dtype)
                 cos, sin = rope_f.cos_sin(phase)
         if num_prefix_tokens:
             prefix = (*cos.shape[:-2], num_prefix_tokens, cos.shape[-1])
             cos = torch.cat((cos.new_ones(prefix), cos), dim=-2)
             sin = torch.cat((sin.new_zeros(prefix), sin), dim=-2)
         return cos, sin
-
-    def _has_reference_table(self, grid_shape: tuple[int, ...]) -> bool:
-        if self.reference_cos is None or grid_shape != self.reference_shape:
-            return False
-        # a table built under inference_mode (e.g. the module was moved there) cannot serve autograd
-        return torch.is_inference_mode_enabled() or not self.reference_cos.is_inference()
 
     def forward(
         self,
@@ -246,7 +245,7 @@ class RotaryEmbedding(nn.Module):
         check_tensor("q", q, min_rank=2)
         check_tensor("k", k, min_rank=2)
         if isinstance(positions, Tensor):
-            n_positions = positions.shape[-2] if positions.dim() >= 2 else -1
+            n_positions = check_tensor("positions", positions, min_rank=2).shape[-2]
         else:
             n_positions = 1
             for size in self._check_grid("grid_shape", positions):
@@ -254,7 +253,7 @@ class RotaryEmbedding(nn.Module):
         inferred = q.shape[-2] - n_positions
         if num_prefix_tokens is None:
             num_prefix_tokens = inferred
-        if n_positions < 0 or inferred < 0 or num_prefix_tokens != inferred:
+        if inferred < 0 or num_prefix_tokens != inferred:
             raise ValueError(
                 f"q has {q.shape[-2]} tokens but positions cover {n_positions}"
                 + ("" if num_prefix_tokens == inferred else f" after num_prefix_tokens={num_prefix_tokens}")

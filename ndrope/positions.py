@@ -41,9 +41,13 @@ def grid(
         if len(reference_shape) != len(shape):
             raise ValueError(f"reference_shape={reference_shape} must have as many axes as shape={shape}")
         scale = [ref / size for ref, size in zip(reference_shape, shape)]
-    offsets = [float(offset)] * len(shape) if isinstance(offset, (int, float)) else [float(o) for o in offset]
-    if len(offsets) != len(shape) or not all(math.isfinite(o) for o in offsets):
-        raise ValueError(f"offset={offset!r} must be one finite number or one per axis of shape={shape}")
+    offsets = [offset] * len(shape) if isinstance(offset, (int, float)) else offset
+    try:
+        if isinstance(offsets, (str, bytes)) or not isinstance(offsets, Sequence) or len(offsets) != len(shape):
+            raise ValueError
+        offsets = [check_number("offset", o, minimum=None) for o in offsets]
+    except (TypeError, ValueError):
+        raise ValueError(f"offset={offset!r} must be one finite number or one per axis of shape={shape}") from None
     axes = [
         torch.arange(size, dtype=torch.float64, device=device) * step + shift
         for size, step, shift in zip(shape, scale, offsets)
@@ -107,12 +111,15 @@ def multimodal_positions(
     return torch.cat(parts, dim=0).to(dtype)
 
 
-def check_augmentation(shift: float, jitter: float, rescale: float) -> tuple[float, float, float]:
-    """Validate `augment_positions`' settings: shift >= 0, jitter >= 1, rescale >= 1 (1 and 0 mean off)."""
+def check_augmentation(
+    shift: float, jitter: float, rescale: float, *, names: tuple[str, str, str] = ("shift", "jitter", "rescale")
+) -> tuple[float, float, float]:
+    """Validate `augment_positions`' settings: shift >= 0, jitter >= 1, rescale >= 1 (0, 1, 1: off);
+    errors use ``names`` (a caller's own argument names)."""
     return (
-        check_number("shift", shift, minimum=0.0, inclusive=True),
-        check_number("jitter", jitter, minimum=1.0, inclusive=True),
-        check_number("rescale", rescale, minimum=1.0, inclusive=True),
+        check_number(names[0], shift, minimum=0.0, inclusive=True),
+        check_number(names[1], jitter, minimum=1.0, inclusive=True),
+        check_number(names[2], rescale, minimum=1.0, inclusive=True),
     )
 
 

@@ -310,17 +310,6 @@ class TestTransforms:
         reference = torch.func.jacrev(expected, argnums=(0, 1))(x, theta)
         torch.testing.assert_close(ours, reference, atol=1e-12, rtol=1e-12)
 
-    def test_jvp_matches_the_formula(self):
-        """Forward-mode AD (torch.func.jvp, and hessian = jacfwd(jacrev)) needs a jvp rule."""
-        g = torch.Generator().manual_seed(7)
-        x, theta = torch.randn(2, 3, 6, generator=g, dtype=torch.float64), torch.randn(3, 2, generator=g, dtype=torch.float64)
-        tangents = (torch.randn(2, 3, 6, generator=g, dtype=torch.float64), torch.randn(3, 2, generator=g, dtype=torch.float64))
-        _, ours = torch.func.jvp(lambda x, t: ndrope.apply_rotary(x, t), (x, theta), tangents)
-        _, reference = torch.func.jvp(expected, (x, theta), tangents)
-        torch.testing.assert_close(ours, reference, atol=1e-12, rtol=1e-12)
-        hessian = torch.func.hessian(lambda t: ndrope.apply_rotary(x, t).square().sum())(theta)
-        torch.testing.assert_close(hessian, torch.func.hessian(lambda t: expected(x, t).square().sum())(theta), atol=1e-10, rtol=1e-10)
-
     @param("in_dims", [(0, None), (None, 0), (0, 0), (1, 0)], ids=["x", "angles", "both", "x_dim1"])
     def test_vmap_matches_a_loop(self, in_dims):
         g = torch.Generator().manual_seed(3)
@@ -388,7 +377,7 @@ class TestKernelABI:
             _kernel.check_abi(lib)
 
     @staticmethod
-    def call(x: torch.Tensor, cos: torch.Tensor, out: torch.Tensor, **fields) -> tuple[int, list]:
+    def call(x: torch.Tensor, cos: torch.Tensor, out: torch.Tensor, null_operand: int | None = None, **fields) -> tuple[int, list]:
         """Call ndrope_rotate directly with a hand-made RotaryCall: x, cos, sin (= cos), out of shape (N, D)."""
         lib = kernel_or_skip()
         call = _kernel._RotaryCall()
@@ -405,6 +394,8 @@ class TestKernelABI:
         call.n_operands = 4
         for name, value in fields.items():
             setattr(call, name, value)
+        if null_operand is not None:
+            call.operands[null_operand].data = None
         return lib.ndrope_rotate(ctypes.byref(call)), keep
 
     @param(
@@ -432,6 +423,15 @@ class TestKernelABI:
             assert (out == 7.0).all()
         else:
             torch.testing.assert_close(out, rotate_formula(x, cos, cos, "half"), atol=1e-5, rtol=1e-5)
+
+    @param("operand", [0, 1, 2, 3])
+    def test_a_null_operand_is_refused(self, operand):
+        """The forward has no optional operand: a null x, cos, sin or out is a status, not a crash."""
+        x, cos = torch.randn(5, 8), torch.randn(5, 4)
+        out = torch.full((5, 8), 7.0)
+        code, _ = self.call(x, cos, out, null_operand=operand)
+        assert code == 5
+        assert (out == 7.0).all()
 
     def test_run_raises_on_a_refused_call(self):
         kernel_or_skip()
@@ -478,8 +478,8 @@ def test_axial_tables_are_computed_once_and_shared(monkeypatch):
     """At the reference grid the module hands out its stored table: no angles computed per layer."""
     rope = ndrope.RotaryEmbedding(D, n_axes=2, reference_shape=(3, 5))
     calls = []
-    real = ndrope.functional.angles
-    monkeypatch.setattr(ndrope.functional, "angles", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    real = ndrope.functional._phase  # what angles() and grid tables both compute through
+    monkeypatch.setattr(ndrope.functional, "_phase", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
     q, k = torch.randn(B, H, 15, D), torch.randn(B, H, 15, D)
     for _ in range(3):  # three layers
         rope(q, k, (3, 5))

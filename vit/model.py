@@ -25,7 +25,8 @@ from timm.models._manipulate import checkpoint
 from torch import Tensor, nn
 
 import ndrope
-from ndrope._checks import check_choice, choices
+from ndrope.recipes import Coordinates, RopeRecipe
+from ndrope._checks import check_choice, check_int, check_number, choices
 from ndrope.functional import Rotation
 from ndrope.modules import ResolutionMode
 from ndrope.positions import check_augmentation
@@ -69,6 +70,16 @@ _ENCODINGS: dict[str, _Encoding] = {
 #: Every accepted ``pos_embed`` value.
 POS_EMBED_CHOICES: tuple[str, ...] = choices(PosEmbed)
 assert set(POS_EMBED_CHOICES) == set(_ENCODINGS), "every pos_embed choice needs an encoding"
+#: `ndrope.recipes` vision schemes that ``rope_recipe`` takes by name (built for the model's head_dim)
+VisionRecipe = Literal["dinov3", "rope_axial", "timm_axial", "rotary_embedding_torch"]
+_RECIPE_BUILDERS: dict[str, Callable[[int, int], RopeRecipe]] = {  # (head_dim, ndim) -> recipe
+    "dinov3": lambda head_dim, ndim: ndrope.recipes.dinov3(head_dim),
+    "rope_axial": lambda head_dim, ndim: ndrope.recipes.rope_axial(head_dim),
+    "timm_axial": lambda head_dim, ndim: ndrope.recipes.timm_axial(head_dim, n_axes=ndim),
+    # rotary-embedding-torch gives each axis its own block of `dim` channels
+    "rotary_embedding_torch": lambda head_dim, ndim: ndrope.recipes.rotary_embedding_torch(head_dim // ndim, n_axes=ndim),
+}
+assert set(_RECIPE_BUILDERS) == set(choices(VisionRecipe)), "every named recipe needs a builder"
 #: timm's pooling choices (``global_pool``) and weight initialisations (``weight_init``).
 GlobalPool = Literal["", "avg", "avgmax", "max", "token", "map"]
 WeightInit = Literal["skip", "reset", "jax", "jax_nlhb", "moco", ""]
@@ -133,8 +144,14 @@ class NDRopeVisionTransformer(VisionTransformer):
         rope_resolution_mode: RoPE coordinates at other grids, see `set_resolution_mode`;
             default `DEFAULT_RESOLUTION_MODE`.
         rope_shift, rope_jitter, rope_rescale: DINOv3-style augmentation of the RoPE coordinates in
-            training mode (`ndrope.augment_positions`: shift in patches, per-axis jitter factor, shared
-            rescale factor); off by default (0, 1, 1).
+            training mode (`ndrope.augment_positions`: shift in coordinate units, per-axis jitter factor,
+            shared rescale factor); off by default (0, 1, 1).
+        rope_recipe: a `ndrope.recipes` vision scheme: its name (`VisionRecipe`, e.g. ``"dinov3"``, built
+            for the head_dim), a `RopeRecipe`, or a function of head_dim returning one: its frequencies and its coordinate law (DINOv3's [-1, 1],
+            timm's pixel bands, ``xy`` order, ...) replace ``rope_theta`` and the resolution mode, at
+            every grid. Fixed with ``rope_axial``, learned per layer from its values with ``rope_mixed``.
+            The channel layout stays `ROPE_LAYOUT` (a fixed permutation: irrelevant when training).
+            By name, ``timm_axial`` and ``rotary_embedding_torch`` get one axis per ``ndim``.
         integer_norm, binary_bits: options of ``"integer"`` / ``"binary"``, see `FixedPosEmbed`.
         in_chans, num_classes, global_pool, mlp_ratio, qkv_bias, qk_norm, proj_bias, init_values,
         class_token, no_embed_class, reg_tokens, pre_norm, final_norm, fc_norm, dynamic_img_pad,
@@ -185,6 +202,7 @@ class NDRopeVisionTransformer(VisionTransformer):
         rope_shift: float = 0.0,
         rope_jitter: float = 1.0,
         rope_rescale: float = 1.0,
+        rope_recipe: VisionRecipe | RopeRecipe | Callable[[int], Any] | None = None,
         integer_norm: IntegerNorm = "train",
         binary_bits: int = BINARY_BITS,
         embed_layer: Callable[..., nn.Module] | None = None,
@@ -216,7 +234,24 @@ class NDRopeVisionTransformer(VisionTransformer):
         mode = DEFAULT_RESOLUTION_MODE if rope_resolution_mode is None else rope_resolution_mode
         check_choice("rope_resolution_mode", mode, ResolutionMode)
         check_choice("weight_init", weight_init, WeightInit)
-        shift, jitter, rescale = check_augmentation(rope_shift, rope_jitter, rope_rescale)
+        shift, jitter, rescale = check_augmentation(
+            rope_shift, rope_jitter, rope_rescale, names=("rope_shift", "rope_jitter", "rope_rescale")
+        )
+        if rope_theta is not None:
+            check_number("rope_theta", rope_theta)
+        check_int("reg_tokens", reg_tokens, minimum=0)
+        check_number("patch_drop_rate", patch_drop_rate, minimum=0.0, inclusive=True)
+        if patch_drop_rate >= 1.0:
+            raise ValueError(f"patch_drop_rate={patch_drop_rate!r} must be in [0, 1): it is the fraction of patches dropped")
+        for name, rate in (
+            ("drop_rate", drop_rate),
+            ("pos_drop_rate", pos_drop_rate),
+            ("proj_drop_rate", proj_drop_rate),
+            ("attn_drop_rate", attn_drop_rate),
+            ("drop_path_rate", drop_path_rate),
+        ):
+            if check_number(name, rate, minimum=0.0, inclusive=True) > 1.0:
+                raise ValueError(f"{name}={rate!r} must be a probability in [0, 1]")
         for name, layer, base in (("attn_layer", attn_layer, RopeAttention), ("block_fn", block_fn, RopeBlock)):
             if not (isinstance(layer, type) and issubclass(layer, base)):
                 raise ValueError(
@@ -271,8 +306,13 @@ class NDRopeVisionTransformer(VisionTransformer):
             else None
         )
         self.rope = None
+        #: a recipe's coordinate law (and attention scale) for the RoPE positions, or None for `ndrope.grid`
+        self.rope_coordinates: Coordinates | None = None
+        self.rope_attention_scale = 1.0
         theta = ROPE_THETA[encoding.rope] if encoding.rope and rope_theta is None else rope_theta
-        if encoding.rope == "axial":
+        if rope_recipe is not None:
+            self.rope = self._rope_from_recipe(rope_recipe, pos_embed, encoding.rope, head_dim, grid_size, depth)
+        elif encoding.rope == "axial":
             self.rope = ndrope.RotaryEmbedding(head_dim, ndim, theta=theta, layout=ROPE_LAYOUT, reference_shape=grid_size)
         elif encoding.rope == "mixed":
             # RoPE-Mixed learns one frequency matrix per (layer, head): one module with L * H "heads"
@@ -287,6 +327,40 @@ class NDRopeVisionTransformer(VisionTransformer):
             # the kept indices select the matching rows of the RoPE tables and ALiBi bias
             self.patch_drop = PatchDropoutWithIndices(self.patch_drop.prob, num_prefix_tokens=self.num_prefix_tokens)
         self.set_resolution_mode(mode)
+
+    def _rope_from_recipe(
+        self,
+        rope_recipe: RopeRecipe | Callable[[int], RopeRecipe],
+        pos_embed: str,
+        kind: str | None,
+        head_dim: int,
+        grid_size: tuple[int, ...],
+        depth: int,
+    ) -> ndrope.RotaryEmbedding:
+        """RoPE with a `ndrope.recipes` scheme's frequencies and coordinate law (fixed for ``rope_axial``,
+        learned per layer from the recipe's values for ``rope_mixed``)."""
+        if isinstance(rope_recipe, str):
+            recipe = _RECIPE_BUILDERS[check_choice("rope_recipe", rope_recipe, VisionRecipe)](head_dim, len(grid_size))
+        else:
+            recipe = rope_recipe if isinstance(rope_recipe, RopeRecipe) else rope_recipe(head_dim)
+        if not isinstance(recipe, RopeRecipe):
+            raise TypeError(f"rope_recipe must be an ndrope.recipes.RopeRecipe or a function of head_dim returning one, got {recipe!r}")
+        if kind is None:
+            raise ValueError(f"rope_recipe needs a RoPE pos_embed (rope_axial, rope_mixed, ...), got pos_embed={pos_embed!r}")
+        freqs, n_axes = recipe.freqs, len(grid_size)
+        heads = () if freqs.dim() == 2 else (freqs.shape[0],)
+        if freqs.shape[-2] != n_axes or freqs.shape[-1] > head_dim // 2 or heads not in ((), (self.num_heads,)):
+            raise ValueError(
+                f"rope_recipe's frequencies {tuple(freqs.shape)} do not fit this model: expected (A, P) or "
+                f"(H, A, P) with A = ndim = {n_axes}, H = num_heads = {self.num_heads}, P <= head_dim // 2 = {head_dim // 2}"
+            )
+        self.rope_coordinates, self.rope_attention_scale = recipe.coordinates, recipe.attention_scale
+        if kind == "mixed":  # one learned copy per layer, initialised with the recipe's values
+            per_head = freqs.expand(self.num_heads, *freqs.shape[-2:])
+            freqs = per_head.repeat(depth, 1, 1)
+        return ndrope.RotaryEmbedding.from_frequencies(
+            freqs.float() if kind == "mixed" else freqs, learnable=kind == "mixed", layout=ROPE_LAYOUT
+        )
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -318,15 +392,21 @@ class NDRopeVisionTransformer(VisionTransformer):
         """
         if self.rope is None:
             return [None] * len(self.blocks)
-        positions: Any = tuple(grid_shape)
+        grid_shape = tuple(grid_shape)
+        positions: Any = grid_shape
+        if self.rope_coordinates is not None:  # a recipe's coordinates, at every grid
+            positions = self.rope_coordinates(grid_shape, dtype=torch.float32, device=self.rope.freqs.device)
         if self.augments_positions:
+            if not isinstance(positions, Tensor):
+                positions = self.rope.positions(grid_shape, mode=self.rope_resolution_mode)
             positions = ndrope.augment_positions(
-                self.rope.positions(positions, mode=self.rope_resolution_mode),
-                shift=self.rope_shift,
-                jitter=self.rope_jitter,
-                rescale=self.rope_rescale,
+                positions, shift=self.rope_shift, jitter=self.rope_jitter, rescale=self.rope_rescale
             )
         cos, sin = self.rope.rotation(positions, mode=self.rope_resolution_mode, num_prefix_tokens=self.num_prefix_tokens)
+        if self.rope_attention_scale != 1.0:
+            cos, sin = cos * self.rope_attention_scale, sin * self.rope_attention_scale
+        if cos.dim() == 3 and cos.shape[0] == self.num_heads and len(self.blocks) > 1 and not self.rope.learnable:
+            return [(cos, sin)] * len(self.blocks)  # fixed per-head frequencies, shared by the layers
         if cos.dim() == 2:  # axial: one table for every layer and head
             return [(cos, sin)] * len(self.blocks)
         per_layer = (cos.unflatten(0, (-1, self.num_heads)), sin.unflatten(0, (-1, self.num_heads)))  # (L, H, k+N, P)
@@ -374,6 +454,10 @@ class NDRopeVisionTransformer(VisionTransformer):
         expected = (batch, self.num_heads, tokens, tokens)
         if not isinstance(attn_mask, Tensor):
             raise TypeError(f"attn_mask must be a Tensor broadcastable to (B, H, k + N, k + N) = {expected}")
+        if attn_mask.device != self.patch_embed.proj.weight.device:
+            raise ValueError(
+                f"attn_mask is on {attn_mask.device} but the model is on {self.patch_embed.proj.weight.device}"
+            )
         if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
             raise TypeError(f"attn_mask has dtype {attn_mask.dtype}; use bool (True = may attend) or an additive float bias")
         try:

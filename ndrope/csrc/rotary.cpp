@@ -182,13 +182,16 @@ struct Call {
   const int64_t* strides(int op) const { return raw->operands[op].strides; }
 };
 
-int32_t check(const RotaryCall* call, int64_t ops) {
+// optional: the index of the one operand that may be null (the backward's dx), or -1
+int32_t check(const RotaryCall* call, int64_t ops, int64_t optional) {
   if (call == nullptr || call->abi_version != kAbiVersion) return kBadAbi;
   if (call->n_operands != ops) return kBadOperands;
   if (call->ndim < 0 || call->ndim > kMaxDims) return kTooManyDims;
   if (call->pairs < 0 || call->dim < 2 * call->pairs || (call->ndim > 0 && call->sizes == nullptr)) return kBadShape;
-  for (int64_t o = 0; o < ops; ++o)
+  for (int64_t o = 0; o < ops; ++o) {
+    if (call->operands[o].data == nullptr && o != optional) return kBadOperands;
     if (call->ndim > 0 && call->operands[o].data != nullptr && call->operands[o].strides == nullptr) return kBadOperands;
+  }
   return kOk;
 }
 
@@ -255,8 +258,8 @@ void rotate_backward(const Call& call) {
 }
 
 template <template <typename, typename> class Kernel>
-int32_t dispatch(const RotaryCall* raw, int64_t ops) {
-  const int32_t status = check(raw, ops);
+int32_t dispatch(const RotaryCall* raw, int64_t ops, int64_t optional) {
+  const int32_t status = check(raw, ops, optional);
   if (status != kOk) return status;
   const Call call{raw->ndim, raw->pairs, raw->dim, raw->interleaved != 0, raw->inverse != 0,
                   raw->threads > 0 ? raw->threads : 1, raw, raw->sizes};
@@ -296,5 +299,5 @@ extern "C" int64_t ndrope_abi(int64_t* out, int64_t n) {
 }
 
 // Both return a Status: 0 on success, nothing written otherwise.
-extern "C" int32_t ndrope_rotate(const RotaryCall* call) { return dispatch<Forward>(call, 4); }
-extern "C" int32_t ndrope_rotate_backward(const RotaryCall* call) { return dispatch<Backward>(call, 7); }
+extern "C" int32_t ndrope_rotate(const RotaryCall* call) { return dispatch<Forward>(call, 4, -1); }
+extern "C" int32_t ndrope_rotate_backward(const RotaryCall* call) { return dispatch<Backward>(call, 7, 4); }

@@ -149,8 +149,8 @@ class RopeRecipe:
 
     def rotation(self, positions: Tensor, *, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
         """(cos, sin), each (..., N, P), times ``attention_scale``: the rotation `ndrope.apply_rotary` takes."""
-        theta = self.angles(positions, dtype=dtype)
-        cos, sin = torch.cos(theta), torch.sin(theta)
+        phase = self.angles(positions, dtype=dtype)
+        cos, sin = torch.cos(phase), torch.sin(phase)
         if self.attention_scale != 1.0:
             cos, sin = cos * self.attention_scale, sin * self.attention_scale
         return cos, sin

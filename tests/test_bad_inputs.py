@@ -1,0 +1,124 @@
+"""A sweep of bad inputs to `ndrope` and `vit`: each must raise ValueError/TypeError naming what is wrong.
+
+Every row is (what the user did, the call, a string the message must contain). The sweep is also the
+count behind "bad inputs: X clear of Y tried" (run `python -m pytest tests/test_bad_inputs.py -q`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pytest
+import torch
+
+import ndrope
+import vit
+
+x4 = torch.randn(1, 2, 16, 8)
+cs = ndrope.cos_sin(ndrope.angles(ndrope.grid((4, 4)), ndrope.axial_frequencies(8, 2)))
+F2 = ndrope.axial_frequencies(8, 2)
+SMALL = dict(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, num_classes=3)
+model = vit.create_vit("rope_axial", **SMALL)
+image = torch.randn(2, 3, 16, 16)
+
+CASES: list[tuple[str, Callable[[], object], str]] = [
+    # frequencies
+    ("odd dim", lambda: ndrope.axial_frequencies(7, 1), "dim=7"),
+    ("dim as float", lambda: ndrope.axial_frequencies(8.0, 1), "dim=8.0"),
+    ("zero axes", lambda: ndrope.axial_frequencies(8, 0), "n_axes=0"),
+    ("more axes than pairs", lambda: ndrope.axial_frequencies(4, 3), "n_axes=3"),
+    ("negative theta", lambda: ndrope.axial_frequencies(8, 1, theta=-1.0), "theta=-1.0"),
+    ("nan theta", lambda: ndrope.axial_frequencies(8, 1, theta=float("nan")), "theta=nan"),
+    ("theta as string", lambda: ndrope.axial_frequencies(8, 1, theta="1e4"), "theta='1e4'"),
+    ("axis_dims wrong sum", lambda: ndrope.axial_frequencies(8, 2, axis_dims=(1, 1)), "axis_dims=(1, 1)"),
+    ("axis_dims wrong length", lambda: ndrope.axial_frequencies(8, 2, axis_dims=(4,)), "axis_dims=(4,)"),
+    ("mixed without heads", lambda: ndrope.mixed_frequencies(8, 2, 0), "num_heads=0"),
+    ("ntk nan scale", lambda: ndrope.ntk_scaled_frequencies(F2, [float("nan"), 1.0]), "scale entry=nan"),
+    ("ntk inf scale", lambda: ndrope.ntk_scaled_frequencies(F2, [float("inf"), 1.0]), "scale entry=inf"),
+    ("ntk wrong length", lambda: ndrope.ntk_scaled_frequencies(F2, [2.0]), "scale=[2.0]"),
+    ("ntk empty scale", lambda: ndrope.ntk_scaled_frequencies(F2, []), "scale=[]"),
+    ("ntk integer freqs", lambda: ndrope.ntk_scaled_frequencies(F2.long(), [2.0, 2.0]), "freqs must be a floating"),
+    # positions
+    ("grid with a zero size", lambda: ndrope.grid((0, 4)), "shape=(0, 4)"),
+    ("grid as string", lambda: ndrope.grid("4x4"), "shape='4x4'"),
+    ("grid offset string", lambda: ndrope.grid((2, 2), offset="a"), "offset='a'"),
+    ("grid reference of other rank", lambda: ndrope.grid((2, 2), reference_shape=(2,)), "reference_shape=(2,)"),
+    ("multimodal empty", lambda: ndrope.multimodal_positions([]), "segments=[]"),
+    ("multimodal negative text", lambda: ndrope.multimodal_positions([-1]), "segments[0] (text length)=-1"),
+    ("multimodal grid too many axes", lambda: ndrope.multimodal_positions([(2, 2, 2)], n_axes=2), "segments[0]=(2, 2, 2)"),
+    ("augment negative shift", lambda: ndrope.augment_positions(torch.zeros(4, 2), shift=-1.0), "shift=-1.0"),
+    ("augment jitter below 1", lambda: ndrope.augment_positions(torch.zeros(4, 2), jitter=0.5), "jitter=0.5"),
+    ("augment nan rescale", lambda: ndrope.augment_positions(torch.zeros(4, 2), rescale=float("nan")), "rescale=nan"),
+    ("augment complex positions", lambda: ndrope.augment_positions(torch.zeros(4, 2, dtype=torch.complex64)), "positions must be a real"),
+    # angles
+    ("angles axes mismatch", lambda: ndrope.angles(torch.zeros(4, 3), F2), "n_axes=2"),
+    ("angles nan positions", lambda: ndrope.angles(torch.tensor([[float("nan"), 0.0]]), F2), "positions contains non-finite"),
+    ("angles list positions", lambda: ndrope.angles([[0.0, 1.0]], F2), "positions must be a torch.Tensor"),
+    ("angles bool positions", lambda: ndrope.angles(torch.zeros(4, 2, dtype=torch.bool), F2), "positions must be a real"),
+    ("angles meta freqs", lambda: ndrope.angles(torch.zeros(4, 2), F2.to("meta")), "freqs is on meta"),
+    ("angles 4D freqs", lambda: ndrope.angles(torch.zeros(4, 2), torch.zeros(1, 1, 2, 4)), "freqs must be (A, P) or (H, A, P)"),
+    ("angles integer dtype", lambda: ndrope.angles(torch.zeros(4, 2), F2, dtype=torch.int32), "dtype=torch.int32"),
+    # apply_rotary
+    ("layout typo", lambda: ndrope.apply_rotary(x4, cs, layout="halves"), "layout='halves'"),
+    ("integer cos/sin", lambda: ndrope.apply_rotary(x4, (cs[0].long(), cs[1].long())), "cos must be a floating"),
+    ("cos/sin shapes differ", lambda: ndrope.apply_rotary(x4, (cs[0], cs[1][:2])), "must have the same shape"),
+    ("sin on meta", lambda: ndrope.apply_rotary(x4, (cs[0], cs[1].to("meta"))), "sin is on meta"),
+    ("rotation on meta", lambda: ndrope.apply_rotary(x4, (cs[0].to("meta"), cs[1].to("meta"))), "the rotation is on meta"),
+    ("integer x", lambda: ndrope.apply_rotary(x4.long(), cs), "x must be a floating"),
+    ("too many pairs", lambda: ndrope.apply_rotary(x4[..., :4], cs), "x has only D=4 channels"),
+    ("token count", lambda: ndrope.apply_rotary(x4[..., :15, :], cs), "x has N=15 tokens"),
+    ("rotation not a pair", lambda: ndrope.apply_rotary(x4, [cs[0]]), "rotation must be a Tensor of angles or a (cos, sin) pair"),
+    ("heads do not broadcast", lambda: ndrope.apply_rotary(x4, torch.zeros(3, 16, 4)), "do not broadcast"),
+    # RotaryEmbedding
+    ("module odd dim", lambda: ndrope.RotaryEmbedding(7, 1), "dim=7"),
+    ("module layout typo", lambda: ndrope.RotaryEmbedding(8, 1, layout="x"), "layout='x'"),
+    ("module reference of other rank", lambda: ndrope.RotaryEmbedding(8, 2, reference_shape=(4,)), "reference_shape=(4,)"),
+    ("module mode typo", lambda: ndrope.RotaryEmbedding(8, 2).rotation((4, 4), mode="bicubic"), "mode='bicubic'"),
+    ("module interpolate without reference", lambda: ndrope.RotaryEmbedding(8, 2).rotation((4, 4), mode="interpolate"), "needs reference_shape"),
+    ("module grid of other rank", lambda: ndrope.RotaryEmbedding(8, 2).rotation((4,)), "grid_shape=(4,)"),
+    ("module negative prefix", lambda: ndrope.RotaryEmbedding(8, 2).rotation((4, 4), num_prefix_tokens=-1), "num_prefix_tokens=-1"),
+    ("module too few tokens", lambda: ndrope.RotaryEmbedding(8, 2)(x4[..., :3, :], x4[..., :3, :], (4, 4)), "q has 3 tokens"),
+    ("module q/k mismatch", lambda: ndrope.RotaryEmbedding(8, 2)(x4, x4[..., :8, :], (4, 4)), "k has 8"),
+    ("module 4D freqs", lambda: ndrope.RotaryEmbedding.from_frequencies(torch.zeros(1, 1, 2, 4)), "freqs must be a floating (A, P) or (H, A, P)"),
+    ("module learnable not bool", lambda: ndrope.RotaryEmbedding.from_frequencies(F2, learnable="yes"), "learnable='yes'"),
+    # vit construction
+    ("pos_embed typo", lambda: vit.create_vit("rope", **SMALL), "pos_embed='rope'"),
+    ("global_pool typo", lambda: vit.create_vit("learned", global_pool="maxx", **SMALL), "global_pool='maxx'"),
+    ("img_size not a multiple", lambda: vit.create_vit("learned", **dict(SMALL, img_size=18)), "img_size=(18, 18)"),
+    ("embed_dim not divisible", lambda: vit.create_vit("learned", **dict(SMALL, num_heads=3)), "embed_dim=32 must be divisible by num_heads=3"),
+    ("head_dim too small for RoPE", lambda: vit.create_vit("rope_axial", ndim=3, **dict(SMALL, embed_dim=8, num_heads=2, img_size=8)), "head_dim"),
+    ("resolution mode typo", lambda: vit.create_vit("rope_axial", rope_resolution_mode="zoom", **SMALL), "rope_resolution_mode='zoom'"),
+    ("negative rope_shift", lambda: vit.create_vit("rope_axial", rope_shift=-1.0, **SMALL), "rope_shift=-1.0"),
+    ("rope_theta zero", lambda: vit.create_vit("rope_axial", rope_theta=0.0, **SMALL), "rope_theta=0.0"),
+    ("negative reg_tokens", lambda: vit.create_vit("learned", reg_tokens=-1, **SMALL), "reg_tokens=-1"),
+    ("patch_drop_rate 1.5", lambda: vit.create_vit("learned", patch_drop_rate=1.5, **SMALL), "patch_drop_rate=1.5"),
+    ("drop_rate 2", lambda: vit.create_vit("learned", drop_rate=2, **SMALL), "drop_rate=2"),
+    ("weight_init typo", lambda: vit.create_vit("learned", weight_init="xavier", **SMALL), "weight_init='xavier'"),
+    ("dynamic_img_size given", lambda: vit.create_vit("learned", dynamic_img_size=False, **SMALL), "dynamic_img_size"),
+    ("block_fn of another kind", lambda: vit.create_vit("learned", block_fn=torch.nn.Identity, **SMALL), "block_fn="),
+    ("rope_recipe on learned", lambda: vit.create_vit("learned", rope_recipe="dinov3", **SMALL), "rope_recipe needs a RoPE pos_embed"),
+    ("set_resolution_mode typo", lambda: vit.set_resolution_mode(model, "zoom"), "mode='zoom'"),
+    ("set_resolution_mode on a non-vit", lambda: vit.set_resolution_mode(torch.nn.Linear(2, 2), "interpolate"), "contains no NDRopeVisionTransformer"),
+    # vit forward
+    ("empty batch", lambda: model(image[:0]), "a batch of 0 samples"),
+    ("empty axis", lambda: model(torch.randn(2, 3, 0, 16)), "has an empty axis"),
+    ("uint8 images", lambda: model(image.to(torch.uint8)), "x has dtype torch.uint8"),
+    ("bf16 into fp32 model", lambda: model(image.bfloat16()), "x has dtype torch.bfloat16"),
+    ("fp16 into fp32 model", lambda: model(image.half()), "x has dtype torch.float16"),
+    ("float64 into fp32 model", lambda: model(image.double()), "x has dtype torch.float64"),
+    ("wrong rank", lambda: model(image[0]), "expected rank 4"),
+    ("wrong channels", lambda: model(image[:, :1]), "in_chans=3"),
+    ("size not a multiple", lambda: model(torch.randn(2, 3, 18, 16)), "not a multiple of patch_size"),
+    ("attn_mask of the wrong shape", lambda: model(image, attn_mask=torch.ones(3, 3, dtype=torch.bool)), "attn_mask has shape (3, 3)"),
+    ("attn_mask integer", lambda: model(image, attn_mask=torch.ones(17, 17, dtype=torch.long)), "attn_mask has dtype torch.int64"),
+    ("attn_mask on meta", lambda: model(image, attn_mask=torch.ones(17, 17, device="meta")), "attn_mask is on meta"),
+    ("not a tensor", lambda: model([1, 2]), "x must be a torch.Tensor"),
+    ("output_fmt typo", lambda: model.forward_intermediates(image, output_fmt="NHWC"), "output_fmt='NHWC'"),
+]
+
+
+@pytest.mark.parametrize("what, call, named", CASES, ids=[case[0] for case in CASES])
+def test_bad_input_raises_a_clear_error(what, call, named):
+    with pytest.raises((ValueError, TypeError)) as caught:
+        call()
+    assert named in str(caught.value), f"{what}: {type(caught.value).__name__}: {caught.value}"
