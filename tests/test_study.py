@@ -59,8 +59,8 @@ def table_cells(markdown: str, title: str) -> dict[tuple[str, int], tuple[float,
     for line in lines[2:]:
         variant, *values = [c.strip() for c in line.strip("|").split("|")]
         for resolution, value in zip(resolutions, values):
-            mean, std = value.split(" [")[0].split(" ± ")
-            cells[variant, resolution] = (float(mean), float(std))
+            mean, _, std = value.split(" [")[0].partition(" ± ")
+            cells[variant, resolution] = (float(mean), float(std or 0.0))  # one seed: the value alone
     return cells
 
 
@@ -109,6 +109,7 @@ def test_study_end_to_end(data: Path, tmp_path: Path, monkeypatch: pytest.Monkey
         for key, (mean, std) in cells.items():
             assert mean == pytest.approx(100 * summary[key]["mean"], abs=0.005)
             assert std == 0.0 and summary[key]["n"] == 1
+        assert " ± " not in markdown.split(f"### top-1 accuracy (%), {protocol}")[1].split("#")[0]  # one seed: no std
     assert "## Which resolution mode wins" in markdown and "Wall time of this study command" in markdown
 
     again = InProcessRunner()

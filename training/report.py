@@ -282,7 +282,8 @@ def study_markdown(summary: list[dict[str, Any]], runs: list[dict[str, Any]], se
         f"evaluated at {', '.join(map(str, resolutions))}px; seeds {seeds}. "
         "Checkpoints: the final weights of each run (the validation hold-out of the training split only "
         "monitors training); the test split is used only here. "
-        "Cells are accuracy in %, mean ± sample std over seeds; (train) marks the training resolution.\n",
+        "Cells are accuracy in %, mean ± sample std over seeds (the value itself for one seed); (train) marks "
+        "the training resolution.\n",
     ]
     samples = sorted({r["test_samples"] for r in runs if r.get("test_samples")})
     if samples:
@@ -314,7 +315,8 @@ def study_markdown(summary: list[dict[str, Any]], runs: list[dict[str, Any]], se
                 continue
             rows = [
                 [label] + [
-                    _pct(cell[key]["mean"], cell[key]["std"]) if (key := (label, protocol, r, metric)) in cell else "–"
+                    (_pct(cell[key]["mean"], cell[key]["std"]) if cell[key]["n"] > 1 else f"{100 * cell[key]['mean']:.2f}")
+                    if (key := (label, protocol, r, metric)) in cell else "–"
                     for r in resolutions
                 ]
                 for label in labels
