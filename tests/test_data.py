@@ -17,7 +17,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from training.data import CIFAR10Data, CIFAR100Data, FashionMNISTData, ImageFolderData
+from training.data import CIFAR10Data, CIFAR100Data, FashionMNISTData, ImageFolderData, split_indices
 from training.datasets import EpochSampler, ImageTensorDataset, Transformed, read_idx
 from training.transforms import eval_transform, train_transform
 
@@ -125,7 +125,7 @@ def write_all(root: Path) -> Path:
 
 
 # CLI overrides that make any shipped config run in about a second on CPU with the fake data.
-TINY_NET = ["--model.net.embed_dim=32", "--model.net.depth=1", "--model.net.num_heads=2"]
+TINY_NET = ["--model.net.init_args.embed_dim=32", "--model.net.init_args.depth=1", "--model.net.init_args.num_heads=2"]
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.log_every_n_steps=1"]
 DATA_ROOTS = {
     "FashionMNISTData": "fashion", "CIFAR10Data": "cifar", "CIFAR100Data": "cifar", "ImageFolderData": "imagenet100"
@@ -163,6 +163,20 @@ class TestReadIdx:
         with pytest.raises(ValueError, match="not an IDX file"):
             read_idx(tmp_path / "bad")
 
+    def test_corrupt_gzip_names_the_file(self, tmp_path: Path) -> None:
+        """Bytes that are not gzip at all: a ValueError naming the file, not a bare BadGzipFile."""
+        (tmp_path / "x.gz").write_bytes(b"not gzip at all" * 10)
+        with pytest.raises(ValueError, match=r"x\.gz is not a readable gzip file.*corrupt or truncated"):
+            read_idx(tmp_path / "x.gz")
+
+    def test_truncated_gzip_names_the_file(self, tmp_path: Path) -> None:
+        """A .gz cut short (an interrupted download): a ValueError naming the file, not a bare EOFError."""
+        write_idx(tmp_path / "x.gz", np.arange(4000, dtype=np.int64).astype(np.uint8).reshape(40, 100))
+        data = (tmp_path / "x.gz").read_bytes()
+        (tmp_path / "x.gz").write_bytes(data[: len(data) // 2])
+        with pytest.raises(ValueError, match=r"x\.gz is not a readable gzip file \(EOFError"):
+            read_idx(tmp_path / "x.gz")
+
     def test_truncated(self, tmp_path: Path) -> None:
         write_idx(tmp_path / "x", np.zeros((4, 4), np.uint8))
         (tmp_path / "x").write_bytes((tmp_path / "x").read_bytes()[:-3])
@@ -176,19 +190,30 @@ class TestReadIdx:
 class TestDataModules:
     def test_fashion_mnist(self, fake_root: Path) -> None:
         """Images come back as written; train batches are normalized 28px, test loaders one per resolution."""
-        dm = FashionMNISTData(root=str(fake_root / "fashion"), batch_size=16, num_workers=0, eval_resolutions=[20, 36])
+        dm = FashionMNISTData(root=str(fake_root / "fashion"), batch_size=16, num_workers=0, eval_resolutions=[20, 36],
+                              eval_protocols=["zoom", "canvas"])
         dm.setup("fit")
-        assert (len(dm.train_set), len(dm.test_set)) == (64, 32)
+        assert dm.test_set is None  # fit never touches the test split
+        assert (len(dm.train_set), len(dm.val_set)) == (58, 6)  # 10% of the 64 training images held out
+        dm.setup("test")
+        assert len(dm.test_set) == 32
         expected = images_for(np.arange(32) % 10, 1, 28, seed=1)[..., 0]
         image, label = dm.test_set[5]
         np.testing.assert_array_equal(image[0].numpy(), expected[5])
         assert label == 5
+        train_images = images_for(np.arange(64) % 10, 1, 28, seed=0)[..., 0]
+        val_image, _ = dm.val_set[0]
+        np.testing.assert_array_equal(val_image[0].numpy(), train_images[dm.val_set.indices[0]])
         x, y = next(iter(dm.train_dataloader()))
         assert x.shape == (16, 1, 28, 28) and x.dtype == torch.float32 and y.shape == (16,)
-        assert len(dm.train_dataloader()) == 4  # 64 images, batch 16, drop_last
-        loaders = dm.test_dataloader()
-        assert [next(iter(dl))[0].shape[-1] for dl in loaders] == [20, 36]
-        assert sum(len(dl.dataset) for dl in loaders) == 64
+        assert len(dm.train_dataloader()) == 3  # 58 images, batch 16, drop_last
+        assert len(dm.val_dataloader().dataset) == 6
+        loaders = dm.test_dataloader()  # protocol-major: zoom 20, zoom 36, canvas 20, canvas 36
+        assert [next(iter(dl))[0].shape[-1] for dl in loaders] == [20, 36, 20, 36]
+        assert all(len(dl.dataset) == 32 for dl in loaders)
+        canvas36 = next(iter(loaders[3]))[0]
+        background = (0 - dm.mean[0]) / dm.std[0]
+        torch.testing.assert_close(canvas36[:, :, :4], torch.full_like(canvas36[:, :, :4], background))
 
     @pytest.mark.parametrize("cls, num_classes", [(CIFAR10Data, 10), (CIFAR100Data, 100)])
     def test_cifar(self, fake_root: Path, monkeypatch: pytest.MonkeyPatch, cls: type, num_classes: int) -> None:
@@ -197,7 +222,8 @@ class TestDataModules:
         dm = cls(root=str(fake_root / "cifar"), batch_size=8, num_workers=0)
         assert dm.num_classes == num_classes and dm.in_chans == 3
         dm.setup("fit")
-        assert (len(dm.train_set), len(dm.test_set)) == (80, 32)
+        dm.setup("test")
+        assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (72, 8, 32)
         assert [dm.test_set[i][1] for i in range(3)] == [0, 1, 2]
         expected = images_for(np.arange(32) % num_classes, 3, 32, seed=9)[7].transpose(2, 0, 1)
         np.testing.assert_array_equal(dm.test_set[7][0].numpy(), expected)
@@ -211,14 +237,77 @@ class TestDataModules:
                              batch_size=2, num_workers=0)
         assert dm.num_classes == 2
         dm.setup("fit")
-        assert sorted(label for _, label in dm.train_set.samples) == [0] * 4 + [1] * 4
-        assert {Path(path).parent.name: label for path, label in dm.train_set.samples} == {"n03": 0, "n01": 1}
+        dm.setup("test")
+        folder = dm.train_set.dataset  # the train/ tree; val_set holds out 1 of its 8 images
+        assert sorted(label for _, label in folder.samples) == [0] * 4 + [1] * 4
+        assert {Path(path).parent.name: label for path, label in folder.samples} == {"n03": 0, "n01": 1}
+        assert (len(dm.train_set), len(dm.val_set)) == (7, 1)
+        assert Path(dm.test_set.root).name == "val"  # the official val/ is the test split
         x, _ = next(iter(dm.test_dataloader()[0]))
         assert x.shape == (2, 3, 16, 16)
 
     def test_image_folder_all_classes(self, fake_root: Path) -> None:
         dm = ImageFolderData(root=str(fake_root / "folder"), img_size=16, num_workers=0)
         assert dm.num_classes == 3
+
+
+class TestValidationSplit:
+    """The hold-out is a function of (size, fraction, split_seed) alone: disjoint from train, the same for every run."""
+
+    def test_disjoint_and_complete(self) -> None:
+        train, val = split_indices(60_000, 0.1)
+        assert len(val) == 6000 and len(train) == 54_000
+        assert not set(train) & set(val)
+        assert sorted(train + val) == list(range(60_000))
+
+    def test_independent_of_run_seed_and_global_rng(self) -> None:
+        from lightning.pytorch import seed_everything
+
+        seed_everything(0)
+        first = split_indices(1000, 0.1)
+        seed_everything(1)
+        torch.rand(7)
+        assert split_indices(1000, 0.1) == first
+        assert split_indices(1000, 0.1, split_seed=1) != first
+
+    def test_identical_across_variants_and_seeds(self, fake_root: Path) -> None:
+        """Data modules built as two runs of the study would build them (other seed, other variant): same val images."""
+        from lightning.pytorch import seed_everything
+
+        sets = []
+        for seed in (0, 1, 2):
+            seed_everything(seed)
+            dm = FashionMNISTData(root=str(fake_root / "fashion"), num_workers=0)
+            dm.setup("fit")
+            sets.append((dm.train_set.indices, dm.val_set.indices))
+        assert sets[0] == sets[1] == sets[2]
+        assert not set(sets[0][0]) & set(sets[0][1])
+
+    @pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1])
+    def test_bad_fraction(self, fake_root: Path, fraction: float) -> None:
+        with pytest.raises(ValueError, match=rf"val_fraction={fraction} must be in \(0, 1\)"):
+            FashionMNISTData(root=str(fake_root / "fashion"), val_fraction=fraction)
+
+
+class TestBadDataOptions:
+    def test_eval_batch_size_zero_is_an_error(self, fake_root: Path) -> None:
+        """0 used to be replaced by batch_size silently."""
+        with pytest.raises(ValueError, match=r"eval_batch_size=0 must be a positive int \(or None"):
+            FashionMNISTData(root=str(fake_root / "fashion"), eval_batch_size=0)
+
+    def test_eval_batch_size_none_means_batch_size(self, fake_root: Path) -> None:
+        assert FashionMNISTData(root=str(fake_root / "fashion"), batch_size=8).eval_batch_size == 8
+
+    def test_unknown_protocol(self, fake_root: Path) -> None:
+        with pytest.raises(ValueError, match=r"eval_protocols=\['zoom', 'crop'\] must be .* \['zoom', 'canvas'\]"):
+            FashionMNISTData(root=str(fake_root / "fashion"), eval_protocols=["zoom", "crop"])
+
+    def test_corrupt_dataset_file(self, tmp_path: Path) -> None:
+        root = write_fashion_mnist(tmp_path / "fashion")
+        (root / "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b" + b"garbage" * 20)
+        dm = FashionMNISTData(root=str(root), num_workers=0)
+        with pytest.raises(ValueError, match=r"train-images-idx3-ubyte\.gz is not a readable gzip file"):
+            dm.setup("fit")
 
 
 class TestMissingData:
@@ -299,6 +388,23 @@ class TestTransforms:
         out = eval_transform(24, (128 / 255,) * 3, (0.25,) * 3, crop_pct=crop_pct)(image)
         assert out.shape == (3, 24, 24)
         torch.testing.assert_close(out, torch.full_like(out, expected), atol=1e-5, rtol=0)
+
+    def test_canvas_keeps_the_image_unscaled(self) -> None:
+        """canvas: the training-size view, pixel for pixel, centred on zeros (or centre-cropped when smaller)."""
+        image = torch.randint(1, 256, (1, 28, 28), dtype=torch.uint8)
+        plain = eval_transform(28, (0.0,), (1.0,))(image)
+        big = eval_transform(44, (0.0,), (1.0,), protocol="canvas", train_resolution=28)(image)
+        assert big.shape == (1, 44, 44)
+        torch.testing.assert_close(big[:, 8:36, 8:36], plain, atol=0, rtol=0)
+        assert big[:, :8].abs().max() == 0 and big[:, 36:].abs().max() == 0
+        small = eval_transform(20, (0.0,), (1.0,), protocol="canvas", train_resolution=28)(image)
+        torch.testing.assert_close(small, plain[:, 4:24, 4:24], atol=0, rtol=0)
+        zoom = eval_transform(44, (0.0,), (1.0,), protocol="zoom")(image)
+        assert zoom.shape == (1, 44, 44) and zoom[:, :8].abs().max() > 0  # zoom fills the whole grid
+
+    def test_bad_protocol(self) -> None:
+        with pytest.raises(ValueError, match=r"protocol='pad' is not one of \['zoom', 'canvas'\]"):
+            eval_transform(24, (0.5,), (0.5,), protocol="pad")
 
     def test_bad_crop_pct(self) -> None:
         with pytest.raises(ValueError, match=r"crop_pct=1.5 must be in \(0, 1\]"):

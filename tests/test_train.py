@@ -7,17 +7,20 @@ from tests/test_data.py, with a one-block 32-wide ViT.
 from __future__ import annotations
 
 import csv
+import errno
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import fsspec.implementations.local
 import pytest
 import torch
+import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from test_data import CONFIGS, QUIET, TINY_NET, accept_fake_cifar, smoke_args, write_all
+import training.report
+from test_data import CONFIGS, QUIET, TINY_NET, accept_fake_cifar, smoke_args
 from training.cli import auto_precision, cli_main
 from training.data import FashionMNISTData
 from training.transforms import eval_transform
@@ -25,11 +28,6 @@ from training.transforms import eval_transform
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_all(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(autouse=True)
@@ -64,6 +62,7 @@ def val_rows(run_dir: Path) -> dict[int, dict[str, float]]:
 # ----------------------------------------------------------------------------- fit and test
 
 
+NET = "--model.net=vit.NDRopeVisionTransformer"
 DATASETS = {
     "fashion_mnist": ["--data=training.data.FashionMNISTData", "--data.root={root}/fashion", "--data.img_size=28"],
     "cifar10": ["--data=training.data.CIFAR10Data", "--data.root={root}/cifar"],
@@ -74,20 +73,20 @@ DATASETS = {
 
 @pytest.mark.parametrize("dataset", list(DATASETS))
 def test_fit_few_steps(data: Path, tmp_path: Path, dataset: str) -> None:
-    """Three optimizer steps on each dataset type leave the run folder layout with the right step count."""
+    """Two optimizer steps on each dataset type leave the run folder layout with the right step count."""
     args = [a.format(root=data) for a in DATASETS[dataset]]
     cli = cli_main(
-        ["fit", *args, "--data.batch_size=4", "--data.num_workers=0", "--model.net.patch_size=4", *TINY_NET, *QUIET,
-         "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2",
+        ["fit", NET, *args, "--data.batch_size=4", "--data.num_workers=0", "--model.net.init_args.patch_size=4", *TINY_NET, *QUIET,
+         "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2",
          f"--trainer.default_root_dir={tmp_path}"]
     )
-    assert cli.trainer.global_step == 3
+    assert cli.trainer.global_step == 2
     assert cli.model.net.num_classes == cli.datamodule.num_classes
     assert cli.model.net.in_chans == cli.datamodule.in_chans
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
-    assert last["global_step"] == 3
+    assert last["global_step"] == 2
     assert (tmp_path / "checkpoints" / "best.ckpt").is_file()
-    assert "pos_embed: rope_axial" in (tmp_path / "config.yaml").read_text()
+    assert "pos_embed: rope_mixed" in (tmp_path / "config.yaml").read_text()  # vit's default
     assert 0.0 <= val_rows(tmp_path)[0]["val/top1"] <= 1.0
     assert list(tmp_path.glob("events.out.tfevents.*"))
 
@@ -95,47 +94,64 @@ def test_fit_few_steps(data: Path, tmp_path: Path, dataset: str) -> None:
 def test_multi_resolution_eval_matches_manual_evaluation(
     data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    """`test` at 20/28/36px writes the table, eval.json and eval.csv; the numbers equal a plain loop."""
+    """`test` at 20/28/36px x zoom/canvas writes the table, eval.json and eval.csv; the numbers equal a plain loop."""
     cli_main(["fit", *fashion_args(data, tmp_path, "--trainer.limit_val_batches=1")])
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     capsys.readouterr()
     cli = cli_main(["test", "--config", str(tmp_path / "config.yaml"), f"--ckpt_path={ckpt}",
-                    "--model.eval_resolutions=[20, 28, 36]"])
+                    "--model.eval_resolutions=[20, 28, 36]", "--model.eval_protocols=[zoom, canvas]"])
     report = json.loads((tmp_path / "test" / "eval.json").read_text())
-    assert [r["resolution"] for r in report["results"]] == [20, 28, 36]
+    keys = [(r["protocol"], r["resolution"]) for r in report["results"]]
+    assert keys == [("zoom", 20), ("zoom", 28), ("zoom", 36), ("canvas", 20), ("canvas", 28), ("canvas", 36)]
     assert report["meta"]["train_resolution"] == 28 and report["meta"]["patch_size"] == 4
     with open(tmp_path / "test" / "eval.csv") as f:
         rows = list(csv.DictReader(f))
-    from_csv = [(int(r["resolution"]), float(r["top1"])) for r in rows]
-    assert from_csv == [(r["resolution"], r["top1"]) for r in report["results"]]
+    from_csv = [(r["protocol"], int(r["resolution"]), float(r["top1"])) for r in rows]
+    assert from_csv == [(r["protocol"], r["resolution"], r["top1"]) for r in report["results"]]
     printed = capsys.readouterr().out
-    assert "| 36 | 9x9 |" in printed and "| 28 (train) | 7x7 |" in printed
+    assert "| zoom | 36 | 9x9 |" in printed and "| canvas | 28 (train) | 7x7 |" in printed
 
     net = cli.model.net.eval()
     net.load_state_dict({k[len("net."):]: v for k, v in torch.load(ckpt, weights_only=False)["state_dict"].items()})
     test_set = FashionMNISTData(root=str(data / "fashion")).load(train=False)
     dm = cli.datamodule
     for record in report["results"]:
-        tf = eval_transform(record["resolution"], dm.mean, dm.std)
+        tf = eval_transform(record["resolution"], dm.mean, dm.std, protocol=record["protocol"], train_resolution=28)
         x = torch.stack([tf(test_set[i][0]) for i in range(len(test_set))])
         y = torch.tensor([test_set[i][1] for i in range(len(test_set))])
         with torch.no_grad():
             expected = (net(x).argmax(-1) == y).float().mean().item()
         assert record["top1"] == pytest.approx(expected, abs=1e-6)
         assert "top5" not in record  # 10 classes: top-1 only
+    by_key = {(r["protocol"], r["resolution"]): r["top1"] for r in report["results"]}
+    assert by_key["zoom", 28] == by_key["canvas", 28]  # the protocols agree at the training resolution
 
     # Another resolution mode writes next to, not over, the default; the training grid is unaffected by it.
     cli_main(["test", "--config", str(tmp_path / "config.yaml"), f"--ckpt_path={ckpt}",
-              "--model.eval_resolutions=[28, 36]", "--model.resolution_mode=interpolate"])
+              "--model.eval_resolutions=[28, 36]", "--model.eval_protocols=[zoom]",
+              "--model.resolution_mode=interpolate"])
     interpolated = json.loads((tmp_path / "test-interpolate" / "eval.json").read_text())
     assert interpolated["meta"]["resolution_mode"] == "interpolate"
     assert interpolated["results"][0] == report["results"][1]  # 28px, identical
     assert json.loads((tmp_path / "test" / "eval.json").read_text()) == report
 
 
+def test_fit_validates_on_the_hold_out_never_the_test_split(data: Path, tmp_path: Path) -> None:
+    """best.ckpt is chosen on val/top1, computed on the 10% hold-out of the training split; fit never loads test."""
+    cli = cli_main(["fit", *fashion_args(data, tmp_path)])
+    dm = cli.datamodule
+    assert dm.test_set is None
+    val_loader = cli.trainer.val_dataloaders
+    assert val_loader.dataset.base is dm.val_set and len(dm.val_set) == 6
+    assert not set(dm.val_set.indices) & set(dm.train_set.indices)
+    best = torch.load(tmp_path / "checkpoints" / "best.ckpt", weights_only=False)
+    states = [v for k, v in best["callbacks"].items() if k.startswith("ModelCheckpoint")]
+    assert any(v["monitor"] == "val/top1" and v["best_model_path"].endswith("best.ckpt") for v in states)
+
+
 def test_top5_with_more_than_ten_classes(data: Path, tmp_path: Path) -> None:
-    cli_main(["fit", "--data=training.data.CIFAR100Data", f"--data.root={data / 'cifar'}", "--data.batch_size=8",
-              "--data.num_workers=0", "--model.net.patch_size=4", *TINY_NET, *QUIET, "--trainer.max_epochs=1",
+    cli_main(["fit", NET, "--data=training.data.CIFAR100Data", f"--data.root={data / 'cifar'}", "--data.batch_size=8",
+              "--data.num_workers=0", "--model.net.init_args.patch_size=4", *TINY_NET, *QUIET, "--trainer.max_epochs=1",
               "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1",
               f"--trainer.default_root_dir={tmp_path}"])
     cli_main(["test", "--config", str(tmp_path / "config.yaml"),
@@ -179,7 +195,7 @@ def test_resume_continues_exactly(data: Path, tmp_path: Path, num_workers: int) 
 
     Augmentation, drop path and mixup are on, so any randomness that resuming replays differently shows.
     """
-    extra = ["--trainer.max_epochs=2", "--model.net.drop_path_rate=0.2", "--model.mixup_alpha=0.8",
+    extra = ["--trainer.max_epochs=2", "--model.net.init_args.drop_path_rate=0.2", "--model.mixup_alpha=0.8",
              "--model.cutmix_alpha=1.0", "--data.randaugment_magnitude=9", "--trainer.limit_val_batches=1",
              f"--data.num_workers={num_workers}"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -188,12 +204,12 @@ def test_resume_continues_exactly(data: Path, tmp_path: Path, num_workers: int) 
     first = cli_main(fashion_args(data, resumed, *extra), run=False)
     first.trainer.callbacks.append(StopAfterFirstEpoch())
     first.trainer.fit(first.model, datamodule=first.datamodule)
-    assert first.trainer.current_epoch == 1 and first.trainer.global_step == 4
+    assert first.trainer.current_epoch == 1 and first.trainer.global_step == 3  # 58 training images, batch 16
     cli_main(["fit", *fashion_args(data, resumed, *extra), "--ckpt_path=last"])
 
     a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=False)
     b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)
-    assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"]) == (1, 8)
+    assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"]) == (1, 6)
     for name, value in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][name], value, atol=1e-6, rtol=1e-5, msg=name)
     assert val_rows(resumed)[1] == pytest.approx(val_rows(straight)[1], abs=1e-6)
@@ -208,9 +224,12 @@ class TestBadInput:
         with pytest.raises(ValueError, match=message):
             cli_main(["fit", *fashion_args(data, tmp_path, "--model.eval_resolutions=[28, 30]")])
 
-    def test_unknown_pos_embed(self, data: Path, tmp_path: Path) -> None:
-        with pytest.raises(ValueError, match=r"pos_embed='rope_bogus' is not one of \['learned'"):
-            cli_main(["fit", *fashion_args(data, tmp_path, "--model.net.pos_embed=rope_bogus")])
+    def test_unknown_pos_embed(self, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+        """The CLI's own type check: the key, the accepted values and the value given."""
+        with pytest.raises(SystemExit):
+            cli_main(["fit", *fashion_args(data, tmp_path, "--model.net.init_args.pos_embed=rope_bogus")])
+        error = capsys.readouterr().err
+        assert 'Parser key "pos_embed"' in error and "'rope_axial'" in error and "Got value: rope_bogus" in error
 
     def test_missing_dataset(self, tmp_path: Path) -> None:
         with pytest.raises(FileNotFoundError, match=r"Fashion-MNIST not found.*apt-get install dataset-fashion-mnist"):
@@ -221,39 +240,195 @@ def test_failed_checkpoint_write_keeps_previous(data: Path, tmp_path: Path, monk
     """A write that dies halfway (disk full) in epoch 2 leaves epoch 1's last.ckpt whole and no partial file."""
     extra = ["--trainer.max_epochs=2", "--trainer.limit_val_batches=1", "--checkpoint.save_top_k=0"]
     writes = {"n": 0}
-    real_write = fsspec.implementations.local.LocalFileOpener.write
+    real_write_all = training.report._write_all
 
-    def failing_write(self, data: bytes) -> int:
-        if str(self.path).endswith(".ckpt"):
+    def failing_write_all(fd: int, data: bytes) -> None:
+        if len(data) > 10_000:  # a checkpoint
             writes["n"] += 1
             if writes["n"] > 1:  # the first checkpoint write is epoch 1's last.ckpt
-                real_write(self, data[: len(data) // 2])
-                raise OSError(28, "No space left on device")
-        return real_write(self, data)
+                real_write_all(fd, bytes(data[: len(data) // 2]))
+                raise OSError(errno.ENOSPC, "No space left on device")
+        real_write_all(fd, data)
 
-    monkeypatch.setattr(fsspec.implementations.local.LocalFileOpener, "write", failing_write)
+    monkeypatch.setattr(training.report, "_write_all", failing_write_all)
     with pytest.raises(OSError, match="No space left"):
         cli_main(["fit", *fashion_args(data, tmp_path, *extra)])
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt"]
-    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
-    assert (ckpt["epoch"], ckpt["global_step"]) == (0, 4)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["global_step"]) == (0, 3)
+
+
+class FillDiskBeforeSecondEpoch(Callback):
+    """Fills the run folder's filesystem, leaving about half a checkpoint free, once epoch 1 is saved."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.current_epoch == 1:
+            size = (self.folder / "checkpoints" / "last.ckpt").stat().st_size
+            free = shutil.disk_usage(self.folder).free
+            with open(self.folder / "filler", "wb") as f:
+                f.write(b"\0" * max(0, free - size // 2))
+
+
+@pytest.fixture
+def small_filesystem(tmp_path: Path) -> Path:
+    """A 4 MiB tmpfs (a real filesystem that fills up), mounted for the test; skipped where mounting is not allowed."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True)
+    if result.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_disk_full_keeps_last_checkpoint_resumable(data: Path, small_filesystem: Path) -> None:
+    """On a filesystem that fills up (not TMPDIR's), the failed save leaves the old last.ckpt whole; it resumes."""
+    run = small_filesystem / "run"
+    args = fashion_args(data, run, "--trainer.max_epochs=2", "--trainer.limit_val_batches=1",
+                        "--checkpoint.save_top_k=0", "--trainer.logger=false")
+    cli = cli_main(args, run=False)
+    cli.trainer.callbacks.append(FillDiskBeforeSecondEpoch(run))
+    with pytest.raises(OSError) as error:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert error.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]  # no temp file left
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+    (run / "filler").unlink()
+    resumed = cli_main(["fit", *args, "--ckpt_path=last"])
+    assert resumed.trainer.global_step == 6
+
+
+class TestCheckpointArguments:
+    """`test` / `fit --ckpt_path` refuse what used to give silently wrong results."""
+
+    @pytest.fixture(scope="class")
+    def trained(self, data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+        run = tmp_path_factory.mktemp("trained")
+        cli_main(["fit", *fashion_args(data, run, "--trainer.limit_val_batches=1")])
+        return run
+
+    def test_test_without_ckpt_path_is_an_error(self, trained: Path) -> None:
+        """It used to test random weights and overwrite test/eval.json."""
+        before = (trained / "test" / "eval.json").read_bytes() if (trained / "test" / "eval.json").exists() else None
+        with pytest.raises(ValueError, match=r"`test` needs --ckpt_path.*weights would be random"):
+            cli_main(["test", "--config", str(trained / "config.yaml")])
+        after = (trained / "test" / "eval.json").read_bytes() if (trained / "test" / "eval.json").exists() else None
+        assert before == after
+
+    def test_checkpoint_of_another_architecture(self, data: Path, trained: Path, tmp_path: Path) -> None:
+        """`test --config A --ckpt_path <B's checkpoint>` used to rebuild B silently and write into A's folder."""
+        other = tmp_path / "other"
+        cli_main(["fit", *fashion_args(data, other, "--trainer.limit_val_batches=1",
+                                       "--model.net.init_args.pos_embed=learned")])
+        with pytest.raises(ValueError, match=r"(?s)trained with other arguments.*pos_embed: checkpoint 'learned', "
+                                             r"config 'rope_axial'"):
+            cli_main(["test", "--config", str(trained / "config.yaml"),
+                      f"--ckpt_path={other / 'checkpoints' / 'last.ckpt'}"])
+        assert not (trained / "test-other").exists()
+        config = (trained / "config.yaml").read_text()
+        with pytest.raises(ValueError, match=r"pos_embed: checkpoint 'learned', config 'rope_axial'"):
+            cli_main(["fit", "--config", str(trained / "config.yaml"),
+                      f"--ckpt_path={other / 'checkpoints' / 'last.ckpt'}"])
+        assert (trained / "config.yaml").read_text() == config  # fit did not switch architecture
+
+    def test_resume_with_other_training_data_options(self, data: Path, trained: Path) -> None:
+        with pytest.raises(ValueError, match=r"data.batch_size: checkpoint 16, config 8"):
+            cli_main(["fit", "--config", str(trained / "config.yaml"), "--data.batch_size=8", "--ckpt_path=last"])
+
+    def test_own_config_and_checkpoint_pass(self, trained: Path) -> None:
+        cli_main(["test", "--config", str(trained / "config.yaml"), "--ckpt_path=last",
+                  "--model.eval_resolutions=[28]", "--data.eval_batch_size=7", "--data.num_workers=0"])
+        assert json.loads((trained / "test" / "eval.json").read_text())["results"][0]["resolution"] == 28
+
+    @pytest.mark.parametrize("content, message", [
+        (b"", r"is empty \(0 bytes\): not a checkpoint"),
+        (bytes(range(256)) * 40, r"is not a checkpoint: PyTorch checkpoints are zip archives"),
+    ])
+    def test_not_a_checkpoint(self, trained: Path, tmp_path: Path, content: bytes, message: str) -> None:
+        bad = tmp_path / "bad.ckpt"
+        bad.write_bytes(content)
+        with pytest.raises(ValueError, match=message) as error:
+            cli_main(["test", "--config", str(trained / "config.yaml"), f"--ckpt_path={bad}"])
+        assert "weights_only=False" not in str(error.value)  # never the unsafe advice
+
+    def test_truncated_checkpoint(self, trained: Path, tmp_path: Path) -> None:
+        data = (trained / "checkpoints" / "last.ckpt").read_bytes()
+        cut = tmp_path / "cut.ckpt"
+        cut.write_bytes(data[: len(data) // 2])
+        with pytest.raises(ValueError, match=r"cut\.ckpt.*(damaged checkpoint|is not a checkpoint)"):
+            cli_main(["test", "--config", str(trained / "config.yaml"), f"--ckpt_path={cut}"])
+
+
+def test_run_folder_is_locked_while_in_use(data: Path, tmp_path: Path) -> None:
+    """A second process in a busy run folder gets a clear error instead of writing next to the first."""
+    from training.checkpoint import RunFolderLock
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]);"
+                               "from training.checkpoint import RunFolderLock; l = RunFolderLock(sys.argv[2]);"
+                               "print('locked', flush=True); time.sleep(60)", str(REPO), str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RuntimeError, match=rf"run folder '{tmp_path}' is in use by another process \(pid "
+                                               rf"{holder.pid}"):
+            cli_main(["fit", *fashion_args(data, tmp_path)])
+    finally:
+        holder.kill()
+        holder.wait()
+    with RunFolderLock(tmp_path):  # free again once the holder is gone
+        pass
 
 
 # ----------------------------------------------------------------------------- every shipped config
 
 
-FIT_CONFIGS = sorted(p.name for p in CONFIGS.glob("*.yaml") if not p.name.startswith("study_"))
+#: Each fit config with the configs it is composed over (a small file lists only what differs from its base).
+FIT_CONFIG_STACKS = {
+    "fashion_mnist.yaml": ["fashion_mnist.yaml"],
+    "fashion_mnist_study_budget.yaml": ["fashion_mnist.yaml", "fashion_mnist_study_budget.yaml"],
+    "cifar10.yaml": ["cifar10.yaml"],
+    "cifar100.yaml": ["cifar10.yaml", "cifar100.yaml"],
+    "imagenet100.yaml": ["imagenet100.yaml"],
+}
 
 
-def test_configs_exist() -> None:
-    assert set(FIT_CONFIGS) >= {"fashion_mnist.yaml", "cifar10.yaml", "cifar100.yaml", "imagenet100.yaml"}
+def config_args(name: str) -> list[str]:
+    return [arg for part in FIT_CONFIG_STACKS[name] for arg in ("--config", str(CONFIGS / part))]
 
 
-@pytest.mark.parametrize("config", FIT_CONFIGS)
+def test_every_config_is_covered() -> None:
+    """Every YAML in configs/ is a fit config (with its base) or a study config, so every one is exercised below."""
+    shipped = {p.name for p in CONFIGS.glob("*.yaml")}
+    assert shipped == set(FIT_CONFIG_STACKS) | {name for name in shipped if name.startswith("study_")}
+
+
+@pytest.mark.parametrize("config", sorted(FIT_CONFIG_STACKS))
 def test_fast_dev_run_every_config(data: Path, tmp_path: Path, config: str) -> None:
-    cli = cli_main(["fit", "--config", str(CONFIGS / config), *smoke_args(CONFIGS / config, data),
+    base = CONFIGS / FIT_CONFIG_STACKS[config][0]
+    cli = cli_main(["fit", *config_args(config), *smoke_args(base, data),
                     "--trainer.fast_dev_run=true", f"--trainer.default_root_dir={tmp_path}"])
     assert cli.trainer.global_step == 1
+    assert cli.model.net.num_classes == cli.datamodule.num_classes  # linked from the data, not written twice
+
+
+def resolved(args: list[str], capsys: pytest.CaptureFixture) -> dict:
+    with pytest.raises(SystemExit):
+        cli_main(["fit", *args, "--print_config"])
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_cifar100_is_cifar10_with_other_data(capsys: pytest.CaptureFixture) -> None:
+    """Composition: cifar100.yaml over cifar10.yaml changes exactly the data class and the run folder."""
+    cifar10 = resolved(config_args("cifar10.yaml"), capsys)
+    cifar100 = resolved(config_args("cifar100.yaml"), capsys)
+    assert cifar100["data"]["class_path"] == "training.data.CIFAR100Data"
+    assert cifar100["trainer"]["default_root_dir"] == "runs/cifar100"
+    cifar100["data"]["class_path"] = cifar10["data"]["class_path"]
+    cifar100["trainer"]["default_root_dir"] = cifar10["trainer"]["default_root_dir"]
+    assert cifar100 == cifar10
 
 
 @pytest.mark.slow
@@ -263,7 +438,8 @@ def test_compiled_fit_and_multi_resolution_test(data: Path, tmp_path: Path) -> N
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     assert "net.cls_token" in state and not any("_orig_mod" in k for k in state)
     cli_main(["test", "--config", str(tmp_path / "config.yaml"),
-              f"--ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}", "--model.eval_resolutions=[20, 36]"])
+              f"--ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}", "--model.eval_resolutions=[20, 36]",
+              "--model.eval_protocols=[zoom]"])
     results = json.loads((tmp_path / "test" / "eval.json").read_text())["results"]
     assert [r["resolution"] for r in results] == [20, 36]
 
@@ -281,4 +457,4 @@ def test_ddp_two_cpu_processes(data: Path, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert "distributed_backend=gloo" in result.stderr + result.stdout
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
-    assert ckpt["global_step"] == 8  # 64 images / 2 processes / batch 8 = 4 steps per epoch
+    assert ckpt["global_step"] == 6  # 58 training images / 2 processes / batch 8 = 3 steps per epoch

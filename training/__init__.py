@@ -1,12 +1,11 @@
 """Training, multi-resolution evaluation and the position-encoding study for `vit` models (Lightning).
 
-`train.py` is the command line: ``fit`` / ``validate`` / ``test`` (`training.cli.ViTCLI`) and ``study``
-(`training.study.run_study`).
+`train.py` is the command line: one `training.cli.ViTCLI` with ``fit`` / ``validate`` / ``test`` /
+``predict`` and ``study`` (`training.study.run_study`).
 """
 
-from .data import CIFAR10Data, CIFAR100Data, FashionMNISTData, ImageDataModule, ImageFolderData
+from .data import CIFAR10Data, CIFAR100Data, FashionMNISTData, ImageDataModule, ImageFolderData, split_indices
 from .module import ImageClassifier
-from .net import ViTSpec
 
 __all__ = [
     "CIFAR10Data",
@@ -15,5 +14,5 @@ __all__ = [
     "ImageClassifier",
     "ImageDataModule",
     "ImageFolderData",
-    "ViTSpec",
+    "split_indices",
 ]

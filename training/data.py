@@ -1,9 +1,15 @@
 """LightningDataModules: Fashion-MNIST, CIFAR-10/100 and ImageFolder trees (ImageNet, Imagenette, ImageNet-100).
 
-Each module trains at ``img_size`` and validates on the test split at ``img_size``. Its test loaders
-are a list, one per entry of ``eval_resolutions``, each resizing the test split to that resolution,
-so ``trainer.test`` evaluates one checkpoint at every resolution in one call (dataloader_idx i is
-``eval_resolutions[i]``).
+Three splits, never mixed:
+
+* **train**: the training split minus the validation hold-out;
+* **val**: a seeded hold-out of ``val_fraction`` of the training split (`split_indices`), the same
+  for every model and every ``seed_everything`` (it depends on ``split_seed`` only); it drives
+  checkpoint selection (best.ckpt) and the ``val/*`` curves, at ``img_size``;
+* **test**: the dataset's test split (for ImageFolder trees the official ``val_dir``), used only by
+  ``train.py test``. Its loaders are a list, one per (protocol, resolution) of ``eval_protocols`` x
+  ``eval_resolutions`` in that order (protocol-major), so ``trainer.test`` evaluates one checkpoint
+  everywhere in one call.
 """
 
 from __future__ import annotations
@@ -11,20 +17,35 @@ from __future__ import annotations
 import abc
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torchvision
 from jsonargparse.typing import Path_fr
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from .datasets import EpochSampler, ImageTensorDataset, SubsetImageFolder, Transformed, find_idx, read_idx
-from .transforms import TrainCrop, eval_transform, train_transform
+from .transforms import EVAL_PROTOCOLS, EvalProtocol, TrainCrop, eval_transform, train_transform
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FASHION_MNIST_APT_ROOT = "/usr/share/datasets/fashion-mnist"
+
+
+def split_indices(n: int, val_fraction: float, split_seed: int = 0) -> tuple[list[int], list[int]]:
+    """(train, val) indices of a training split of ``n`` samples: a seeded random hold-out of
+    ``round(val_fraction * n)`` samples (at least 1) for validation, the rest for training, each sorted.
+
+    Depends only on (n, val_fraction, split_seed), never on the global RNG or the run's seed.
+    """
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction={val_fraction} must be in (0, 1): the share of the training split held out")
+    n_val = max(1, round(val_fraction * n))
+    if n_val >= n:
+        raise ValueError(f"val_fraction={val_fraction} of {n} training samples leaves none to train on")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
+    return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
 
 
 class ImageDataModule(LightningDataModule, abc.ABC):
@@ -42,7 +63,11 @@ class ImageDataModule(LightningDataModule, abc.ABC):
         hflip: random horizontal flips.
         randaugment_magnitude: RandAugment (2 ops) at this magnitude; None disables it.
         eval_resolutions: test resolutions (default ``[img_size]``); usually linked from the model's.
+        eval_protocols: how test images reach each resolution (`training.transforms.EvalProtocol`):
+            ``"zoom"`` (resized) and/or ``"canvas"`` (unscaled on a blank canvas); linked from the model's.
         eval_crop_pct: evaluation resizes to ``resolution / eval_crop_pct`` then center-crops.
+        val_fraction: share of the training split held out for validation (checkpoint selection).
+        split_seed: seed of that hold-out; keep it fixed so every run validates on the same images.
     """
 
     mean: tuple[float, ...]
@@ -63,18 +88,31 @@ class ImageDataModule(LightningDataModule, abc.ABC):
         hflip: bool = True,
         randaugment_magnitude: Optional[int] = None,
         eval_resolutions: Optional[list[int]] = None,
+        eval_protocols: Optional[list[EvalProtocol]] = None,
         eval_crop_pct: float = 1.0,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
     ) -> None:
         super().__init__()
-        for name, value in (("img_size", img_size), ("batch_size", batch_size)):
-            if value < 1:
-                raise ValueError(f"{name}={value} must be a positive int")
+        for name, value in (("img_size", img_size), ("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}={value!r} must be a positive int" + (
+                    " (or None: the same as batch_size)" if name == "eval_batch_size" else ""))
+        if num_workers < 0:
+            raise ValueError(f"num_workers={num_workers} must be >= 0 (0 loads in the main process)")
         if eval_resolutions is not None and (not eval_resolutions or min(eval_resolutions) < 1):
             raise ValueError(f"eval_resolutions={eval_resolutions} must be a non-empty list of positive ints")
+        self.eval_protocols = check_protocols(eval_protocols)
+        # Recorded in checkpoints, so `train.py` can refuse a checkpoint trained on other data.
+        self.save_hyperparameters()
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"val_fraction={val_fraction} must be in (0, 1): the share of the training split held out")
         self.root = Path(root)
         self.img_size = img_size
         self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
+        self.eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
+        self.val_fraction = val_fraction
+        self.split_seed = split_seed
         self.num_workers = num_workers
         self.train_tf = train_transform(
             img_size, self.mean, self.std, crop, min_scale, padding, hflip, randaugment_magnitude
@@ -82,17 +120,20 @@ class ImageDataModule(LightningDataModule, abc.ABC):
         self.eval_resolutions = list(eval_resolutions or [img_size])
         self.eval_crop_pct = eval_crop_pct
         self.train_set: Optional[Dataset] = None
+        self.val_set: Optional[Dataset] = None
         self.test_set: Optional[Dataset] = None
         self.start_epoch = 0
 
     @abc.abstractmethod
     def load(self, train: bool) -> Dataset:
-        """The train or test split as raw (image, label) samples."""
+        """The dataset's training split (``train=True``) or test split as raw (image, label) samples."""
 
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.train_set is None:
-            self.train_set = self.load(train=True)
-        if self.test_set is None:
+        if stage in ("fit", "validate") and self.val_set is None:
+            full = self.load(train=True)
+            train_idx, val_idx = split_indices(len(full), self.val_fraction, self.split_seed)
+            self.train_set, self.val_set = Subset(full, train_idx), Subset(full, val_idx)
+        if stage == "test" and self.test_set is None:
             self.test_set = self.load(train=False)
 
     def state_dict(self) -> dict[str, int]:
@@ -127,20 +168,38 @@ class ImageDataModule(LightningDataModule, abc.ABC):
         )
 
     def val_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.img_size, persistent=True)
+        """The validation hold-out at the training resolution."""
+        return self._eval_loader(self.val_set, self.img_size, "zoom", persistent=True)
 
     def test_dataloader(self) -> list[DataLoader]:
-        return [self._eval_loader(r, persistent=False) for r in self.eval_resolutions]
+        """The test split, one loader per (protocol, resolution), protocol-major."""
+        return [
+            self._eval_loader(self.test_set, r, p, persistent=False)
+            for p in self.eval_protocols
+            for r in self.eval_resolutions
+        ]
 
-    def _eval_loader(self, resolution: int, persistent: bool) -> DataLoader:
-        tf = eval_transform(resolution, self.mean, self.std, self.eval_crop_pct)
+    def _eval_loader(self, dataset: Dataset, resolution: int, protocol: EvalProtocol, persistent: bool) -> DataLoader:
+        tf = eval_transform(resolution, self.mean, self.std, self.eval_crop_pct, protocol, self.img_size)
         return DataLoader(
-            Transformed(self.test_set, tf),
+            Transformed(dataset, tf),
             batch_size=self.eval_batch_size,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=persistent and self.num_workers > 0,
         )
+
+
+def check_protocols(protocols: Optional[Sequence[str]]) -> list[EvalProtocol]:
+    """``protocols`` as a list (default ``["zoom"]``); ValueError for an empty, repeated or unknown entry."""
+    if protocols is None:
+        return ["zoom"]
+    protocols = list(protocols)
+    if not protocols or len(set(protocols)) != len(protocols) or not set(protocols) <= set(EVAL_PROTOCOLS):
+        raise ValueError(
+            f"eval_protocols={protocols} must be a non-empty list without repeats of {list(EVAL_PROTOCOLS)}"
+        )
+    return protocols
 
 
 class FashionMNISTData(ImageDataModule):
@@ -239,6 +298,8 @@ class CIFAR100Data(CIFAR10Data):
 
 class ImageFolderData(ImageDataModule):
     """An ImageFolder tree ``root/{train_dir,val_dir}/<class>/<image>``: ImageNet, Imagenette, ImageNet-100.
+
+    The validation hold-out comes from ``train_dir``; the official ``val_dir`` is the test split.
 
     ``class_list`` is a text file with one class folder name per line (configs/imagenet100_classes.txt
     picks ImageNet-100 out of ImageNet); labels follow its order. Without it every class folder is used.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -27,8 +28,14 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read an IDX file (plain or ``.gz``), as used by MNIST and Fashion-MNIST; returns the array it stores."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (gzip.BadGzipFile, EOFError, zlib.error) as error:
+        raise ValueError(
+            f"{path} is not a readable gzip file ({type(error).__name__}: {error}); it is corrupt or truncated: "
+            "download or reinstall the dataset"
+        ) from error
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise ValueError(f"{path} is not an IDX file: header bytes {data[:4]!r}")
     ndim = data[3]

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import vit
 from lightning.pytorch import LightningModule
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.utilities import rank_zero_only
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
@@ -20,8 +21,27 @@ from torchmetrics import MetricCollection
 from ndrope.modules import ResolutionMode
 from torchmetrics.classification import MulticlassAccuracy
 
-from .net import ViTSpec
+from .data import check_protocols
 from .report import format_eval_table, write_eval_report
+from .transforms import EvalProtocol
+
+
+def net_geometry(net: nn.Module) -> tuple[int, int]:
+    """(patch_size, img_size) of a square-patch image ViT: read from ``net.patch_embed`` (timm's layout)."""
+    embed = getattr(net, "patch_embed", None)
+    patch, size = getattr(embed, "patch_size", None), getattr(embed, "img_size", None)
+    if patch is None or size is None:
+        raise TypeError(
+            f"net ({type(net).__name__}) has no patch_embed.patch_size / patch_embed.img_size; ImageClassifier "
+            "needs a timm-style ViT such as vit.NDRopeVisionTransformer"
+        )
+    patch, size = tuple(patch) if isinstance(patch, (tuple, list)) else (patch,), (
+        tuple(size) if isinstance(size, (tuple, list)) else (size,)
+    )
+    if len(set(patch)) != 1 or len(set(size)) != 1:
+        raise ValueError(f"net has patch_size={patch}, img_size={size}; ImageClassifier needs square images and patches")
+    return int(patch[0]), int(size[0])
+
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
     """LR multiplier at optimizer ``step``: linear warmup to 1 over ``warmup_steps``, then cosine to ``min_ratio``."""
@@ -43,8 +63,9 @@ class ImageClassifier(LightningModule):
     """Classification with AdamW, warmup + cosine, label smoothing and optional mixup/cutmix.
 
     Args:
-        net: the network (`ViTSpec`, built with `vit.create_vit`); it maps images (B, C, r, r) to
-            logits (B, num_classes) for any r that is a multiple of its patch size.
+        net: the network, images (B, C, r, r) -> logits (B, num_classes) for any r that is a multiple of
+            its patch size; in YAML ``class_path: vit.NDRopeVisionTransformer`` with ``init_args``
+            (train.py links ``img_size``, ``num_classes`` and ``in_chans`` from the data).
         lr: peak learning rate, reached after ``warmup_epochs``.
         weight_decay: AdamW decay, not applied to biases, norms and the model's ``no_weight_decay()``.
         warmup_epochs: linear warmup length (fractions allowed), then cosine decay per step.
@@ -53,6 +74,8 @@ class ImageClassifier(LightningModule):
         mixup_alpha, cutmix_alpha: timm Mixup/CutMix strengths; both 0 disables them.
         compile: ``torch.compile`` the network (checkpoint keys are unchanged).
         eval_resolutions: test resolutions, each a multiple of the patch size; default the training one.
+        eval_protocols: how test images reach each resolution, `training.transforms.EvalProtocol`
+            (default ``["zoom"]``); results are keyed by (protocol, resolution).
         resolution_mode: passed to `vit.set_resolution_mode` (how positions adapt to another grid);
             None keeps the model's default.
 
@@ -61,7 +84,7 @@ class ImageClassifier(LightningModule):
 
     def __init__(
         self,
-        net: ViTSpec,
+        net: nn.Module,
         lr: float = 1e-3,
         weight_decay: float = 0.05,
         warmup_epochs: float = 5.0,
@@ -71,16 +94,19 @@ class ImageClassifier(LightningModule):
         cutmix_alpha: float = 0.0,
         compile: bool = False,
         eval_resolutions: Optional[list[int]] = None,
+        eval_protocols: Optional[list[EvalProtocol]] = None,
         resolution_mode: Optional[ResolutionMode] = None,
     ) -> None:
         super().__init__()
-        # Evaluation and runtime switches stay out of the checkpoint: LightningCLI applies a checkpoint's
-        # hyperparameters over the command line, which would pin `test --model.eval_resolutions`.
-        self.save_hyperparameters(ignore=["eval_resolutions", "resolution_mode", "compile"])
+        # Evaluation and runtime switches stay out of the checkpoint, so a checkpoint's hyperparameters
+        # describe what was trained. Under LightningCLI `net` is saved as its class_path/init_args config;
+        # a net passed from Python is not a hyperparameter (its weights are in the state dict).
+        runtime = ["eval_resolutions", "eval_protocols", "resolution_mode", "compile"]
+        self.save_hyperparameters(ignore=runtime if _given_hyperparameters.get() is not None else runtime + ["net"])
         self.resolution_mode = resolution_mode
-        self.patch_size = net.patch_size
-        self.train_resolution = net.img_size
+        self.patch_size, self.train_resolution = net_geometry(net)
         self.eval_resolutions = list(eval_resolutions or [self.train_resolution])
+        self.eval_protocols = check_protocols(eval_protocols)
         for name, sizes in (("img_size", [self.train_resolution]), ("eval_resolutions", self.eval_resolutions)):
             bad = [r for r in sizes if r < self.patch_size or r % self.patch_size]
             if bad:
@@ -88,12 +114,14 @@ class ImageClassifier(LightningModule):
                     f"{name}={sizes}: {bad} not a positive multiple of patch_size={self.patch_size}; "
                     f"use multiples such as {[self.patch_size * k for k in range(2, 6)]}"
                 )
-        self.net = net.build()
+        num_classes = getattr(net, "num_classes", None)
+        if not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"net.num_classes={num_classes!r}: the classifier needs an int number of classes >= 2")
+        self.net = net
         if resolution_mode is not None:
             vit.set_resolution_mode(self.net, resolution_mode)
         if compile:
             self.net.compile()
-        num_classes = net.num_classes
         self.mixup = None
         if mixup_alpha > 0 or cutmix_alpha > 0:
             self.mixup = Mixup(
@@ -106,8 +134,10 @@ class ImageClassifier(LightningModule):
             SoftTargetCrossEntropy() if self.mixup else nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         )
         self.val_metrics = accuracy_metrics(num_classes).clone(prefix="val/")
-        self.test_metrics = nn.ModuleList(accuracy_metrics(num_classes) for _ in self.eval_resolutions)
-        self.eval_results: dict[int, dict[str, float]] = {}
+        self.eval_keys = [(p, r) for p in self.eval_protocols for r in self.eval_resolutions]
+        self.test_metrics = nn.ModuleList(accuracy_metrics(num_classes) for _ in self.eval_keys)
+        self.eval_results: dict[tuple[str, int], dict[str, float]] = {}
+        self.test_samples = [0] * len(self.eval_keys)
 
     def forward(self, x: Tensor) -> Tensor:
         """Images (B, C, r, r) -> logits (B, num_classes)."""
@@ -148,22 +178,25 @@ class ImageClassifier(LightningModule):
     def on_test_start(self) -> None:
         loaders = self.trainer.test_dataloaders
         n = len(loaders) if isinstance(loaders, list) else 1
-        if n != len(self.eval_resolutions):
+        if n != len(self.eval_keys):
             raise ValueError(
-                f"got {n} test dataloaders for eval_resolutions={self.eval_resolutions}; give the datamodule the "
-                "same eval_resolutions (train.py links --model.eval_resolutions to the data)"
+                f"got {n} test dataloaders for eval_protocols={self.eval_protocols} x eval_resolutions="
+                f"{self.eval_resolutions}; give the datamodule the same lists (train.py links them from the model)"
             )
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         x, y = batch
-        resolution, metrics = self.eval_resolutions[dataloader_idx], self.test_metrics[dataloader_idx]
+        (protocol, resolution), metrics = self.eval_keys[dataloader_idx], self.test_metrics[dataloader_idx]
         metrics.update(self(x), y)
-        self.log_dict({f"test/{name}@{resolution}": m for name, m in metrics.items()}, add_dataloader_idx=False)
+        self.test_samples[dataloader_idx] += y.shape[0]
+        self.log_dict(
+            {f"test/{protocol}/{name}@{resolution}": m for name, m in metrics.items()}, add_dataloader_idx=False
+        )
 
     def on_test_epoch_end(self) -> None:
         self.eval_results = {
-            resolution: {name: float(v) for name, v in metrics.compute().items()}
-            for resolution, metrics in zip(self.eval_resolutions, self.test_metrics)
+            key: {name: float(v) for name, v in metrics.compute().items()}
+            for key, metrics in zip(self.eval_keys, self.test_metrics)
         }
 
     @rank_zero_only
@@ -173,6 +206,7 @@ class ImageClassifier(LightningModule):
             "train_resolution": self.train_resolution,
             "patch_size": self.patch_size,
             "resolution_mode": self.resolution_mode,
+            "test_samples": self.test_samples[0],
             "num_params": sum(p.numel() for p in self.net.parameters()),
         }
         print(format_eval_table(self.eval_results, self.patch_size, self.train_resolution))

@@ -1,18 +1,22 @@
-"""The position-encoding study: train each pos_embed variant x seed on one budget, test at every resolution, report.
+"""The position-encoding study: train each variant x seed on one budget, test everywhere, report.
 
     python train.py study --config configs/study_fashion_mnist.yaml [--seeds "[0, 1, 2]"] [-- FIT OPTIONS]
 
 Each run is the public CLI in a subprocess (so DDP runs as it does for ``train.py fit``)::
 
-    train.py fit  --config <fit_config> --model.net.pos_embed <variant> --seed_everything <seed>
-                  --trainer.default_root_dir <output_dir>/runs/<variant>-seed<seed> <fit_args>
+    train.py fit  --config <fit_config> --model.net.init_args.pos_embed <pos_embed> [--model.net.init_args.<k> <v>]
+                  --seed_everything <seed> --trainer.default_root_dir <output_dir>/runs/<variant>-seed<seed> <fit_args>
     train.py test --config <run>/config.yaml --ckpt_path <run>/checkpoints/last.ckpt
-                  --model.eval_resolutions <eval_resolutions> [--model.resolution_mode <mode>]
+                  --model.eval_resolutions <eval_resolutions> --model.eval_protocols <eval_protocols>
+                  [--model.resolution_mode <mode>]
 
-Every run is tested with its final weights (the EMA weights when EMA is on), never a checkpoint picked on
-the test split; RoPE variants once per entry of ``resolution_modes``. A rerun of the same command skips
-finished steps and resumes unfinished fits from last.ckpt. The report goes to
-``<output_dir>/results.json``, ``results.md`` and ``accuracy_vs_resolution.png``.
+Every run is tested with its final weights (the EMA weights when EMA is on): checkpoint selection never
+sees the test split. RoPE variants are tested once per entry of ``resolution_modes``; every test covers
+each protocol x resolution. A rerun of the same command skips finished steps and resumes unfinished fits
+from last.ckpt; the arguments of each fit are recorded in ``run.json`` before it starts, and a run folder
+whose recorded arguments differ is refused. The study folder is locked while a study runs in it, and a
+run's subprocess dies with the study (Linux parent-death signal). The report goes to
+``<output_dir>/results.json``, ``results.md`` and ``accuracy_vs_resolution.png`` (`training.report`).
 """
 
 from __future__ import annotations
@@ -20,50 +24,98 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import vit
-from jsonargparse import CLI
+from jsonargparse import ArgumentParser
 from jsonargparse.typing import Path_fr
 
 from ndrope.modules import ResolutionMode
 
-from .cli import cli_main
+from .checkpoint import RunFolderLock
 from .report import atomic_write, write_study_report
+from .transforms import EvalProtocol
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
+#: Options the study sets for each run itself; in ``fit_args`` they would silently break the run layout.
+RESERVED_FIT_OPTIONS = (
+    "--config", "--trainer.default_root_dir", "--seed_everything", "--ckpt_path", "--model.eval_resolutions",
+    "--model.eval_protocols", "--model.resolution_mode", "--model.net.init_args.pos_embed", "--model.net.pos_embed",
+)
 
 
-def check_study_args(variants: Sequence[str], seeds: Sequence[int], eval_resolutions: Sequence[int]) -> None:
-    """Raise ValueError naming the argument when a list is empty, repeats an entry or names an unknown variant."""
+def check_study_args(
+    variants: Sequence[str],
+    seeds: Sequence[int],
+    eval_resolutions: Sequence[int],
+    variant_net_args: Optional[dict[str, dict[str, Any]]] = None,
+    fit_args: Sequence[str] = (),
+    test_args: Sequence[str] = (),
+) -> None:
+    """ValueError naming the argument when a list is empty or repeats an entry, a variant is neither a
+    pos_embed nor defined in ``variant_net_args``, or ``fit_args`` / ``test_args`` set an option the study owns."""
     for name, values in (("variants", variants), ("seeds", seeds), ("eval_resolutions", eval_resolutions)):
         if not values or len(set(values)) != len(values):
             raise ValueError(f"{name}={list(values)} must be a non-empty list without repeats")
-    unknown = [v for v in variants if v not in vit.POS_EMBED_CHOICES]
+    variant_net_args = variant_net_args or {}
+    unknown = [v for v in variants if v not in vit.POS_EMBED_CHOICES and v not in variant_net_args]
     if unknown:
         raise ValueError(
-            f"variants={list(variants)}: unknown pos_embed {unknown}; choose from {list(vit.POS_EMBED_CHOICES)}"
+            f"variants={list(variants)}: unknown pos_embed {unknown}; choose from {list(vit.POS_EMBED_CHOICES)} "
+            "or define the variant in variant_net_args"
         )
+    for name, args in variant_net_args.items():
+        if not isinstance(args, dict) or args.get("pos_embed") not in vit.POS_EMBED_CHOICES:
+            raise ValueError(
+                f"variant_net_args[{name!r}]={args!r} must be a dict of net arguments with a pos_embed from "
+                f"{list(vit.POS_EMBED_CHOICES)}"
+            )
+    for name, arg in [("fit_args", a) for a in fit_args] + [("test_args", a) for a in test_args]:
+        option = str(arg).split("=", 1)[0]
+        if option in RESERVED_FIT_OPTIONS:
+            raise ValueError(
+                f"{name} sets {option}, which the study sets for every run itself "
+                f"({', '.join(RESERVED_FIT_OPTIONS)}); use output_dir, seeds, variants, fit_config or "
+                "eval_resolutions / eval_protocols / resolution_modes instead"
+            )
+
+
+def net_args(variant: str, variant_net_args: Optional[dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """The net arguments a variant sets: ``variant_net_args[variant]``, or ``{"pos_embed": variant}``."""
+    return dict((variant_net_args or {}).get(variant) or {"pos_embed": variant})
 
 
 def fit_command(
-    fit_config: Sequence[str], variant: str, seed: int, run_dir: Path, fit_args: Sequence[str]
+    fit_config: Sequence[str],
+    variant: str,
+    seed: int,
+    run_dir: Path,
+    fit_args: Sequence[str],
+    variant_net_args: Optional[dict[str, dict[str, Any]]] = None,
 ) -> list[str]:
     """The ``train.py fit`` arguments of one run (without the interpreter and script)."""
     configs = [arg for path in fit_config for arg in ("--config", path)]
+    net = [
+        f"--model.net.init_args.{k}={v if isinstance(v, str) else json.dumps(v)}"
+        for k, v in net_args(variant, variant_net_args).items()
+    ]
     return [
-        "fit", *configs, "--model.net.pos_embed", variant, "--seed_everything", str(seed),
-        "--trainer.default_root_dir", os.fspath(run_dir), *fit_args,
+        "fit", *configs, *net,
+        "--seed_everything", str(seed), "--trainer.default_root_dir", os.fspath(run_dir), *fit_args,
     ]
 
 
-def test_command(run_dir: Path, eval_resolutions: Sequence[int], mode: Optional[str]) -> list[str]:
-    """The ``train.py test`` arguments that evaluate a finished run's last.ckpt at every resolution.
+def test_command(
+    run_dir: Path, eval_resolutions: Sequence[int], eval_protocols: Sequence[str], mode: Optional[str]
+) -> list[str]:
+    """The ``train.py test`` arguments that evaluate a finished run's last.ckpt at every protocol x resolution.
 
     Results land in ``<run_dir>/test/`` (the model's default resolution mode) or ``<run_dir>/test-<mode>/``.
     """
@@ -71,21 +123,50 @@ def test_command(run_dir: Path, eval_resolutions: Sequence[int], mode: Optional[
         "test", "--config", os.fspath(run_dir / "config.yaml"),
         "--ckpt_path", os.fspath(run_dir / "checkpoints" / "last.ckpt"),
         "--model.eval_resolutions", json.dumps(list(eval_resolutions)),
+        "--model.eval_protocols", json.dumps(list(eval_protocols)),
     ]
     return args + (["--model.resolution_mode", mode] if mode else [])
 
 
-def modes_for(variant: str, resolution_modes: Optional[Sequence[str]]) -> list[Optional[str]]:
+def modes_for(pos_embed: str, resolution_modes: Optional[Sequence[str]]) -> list[Optional[str]]:
     """The resolution modes a variant is tested with: only RoPE has a choice of coordinates at other grids."""
-    return list(resolution_modes) if resolution_modes and "rope" in variant else [None]
+    return list(resolution_modes) if resolution_modes and "rope" in pos_embed else [None]
 
 
-def _run(args: list[str], what: str) -> float:
-    """Run ``train.py args`` in a subprocess with the output passed through; returns its wall time in seconds."""
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """preexec_fn: the child gets SIGKILL when the study process dies (Linux PR_SET_PDEATHSIG)."""
+
+    def set_signal() -> None:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return set_signal
+
+
+def _run(args: list[str], what: str, threads: Optional[int] = None) -> float:
+    """Run ``train.py args`` in a subprocess with the output passed through; returns its wall time in seconds.
+
+    ``threads``: the subprocess's CPU threads (``OMP_NUM_THREADS``) unless the environment sets them.
+    The subprocess dies with this process (parent-death signal on Linux; on an exception here it is killed).
+    """
     command = [sys.executable, os.fspath(TRAIN_SCRIPT), *args]
     print(f"[study] {what}: {shlex.join(command)}", flush=True)
     start = time.perf_counter()
-    code = subprocess.run(command).returncode
+    preexec = _die_with_parent(os.getpid()) if sys.platform.startswith("linux") else None
+    env = dict(os.environ)
+    if threads is not None:
+        env.setdefault("OMP_NUM_THREADS", str(threads))
+    child = subprocess.Popen(command, preexec_fn=preexec, env=env)
+    try:
+        code = child.wait()
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
     if code:
         raise RuntimeError(f"[study] {what} failed (exit code {code}); run the study command again to resume")
     return time.perf_counter() - start
@@ -95,95 +176,186 @@ def run_study(
     fit_config: list[Path_fr],
     variants: list[str],
     eval_resolutions: list[int],
-    seeds: Sequence[int] = (0,),
+    seeds: list[int] = [0, 1, 2],
     resolution_modes: Optional[list[ResolutionMode]] = None,
+    eval_protocols: list[EvalProtocol] = ["zoom", "canvas"],
+    variant_net_args: Optional[dict[str, dict[str, Any]]] = None,
+    baseline: Optional[str] = "learned",
     output_dir: str = "reports/study",
-    fit_args: Sequence[str] = (),
+    jobs: int = 1,
+    test_args: list[str] = [],
+    fit_args: list[str] = [],
     dry_run: bool = False,
 ) -> Optional[dict[str, Path]]:
     """Train and test every variant x seed, then write the study report; returns the report files.
 
     Args:
-        fit_config: ``train.py fit`` config file(s) shared by all runs (paths in a study YAML are relative to it).
-        variants: ``pos_embed`` names to compare (`vit.POS_EMBED_CHOICES`).
+        fit_config: ``train.py fit`` config file(s) shared by all runs, composed in order (paths in a
+            study YAML are relative to it).
+        variants: the rows of the study: ``pos_embed`` names (`vit.POS_EMBED_CHOICES`) or names defined
+            in ``variant_net_args``.
         eval_resolutions: test resolutions (multiples of the patch size).
-        seeds: one run per variant and seed; the report gives mean ± std over seeds.
+        seeds: one run per variant and seed; the report gives mean ± sample std over seeds.
         resolution_modes: test RoPE variants once per `vit.set_resolution_mode` mode (rows
             "rope_axial (interpolate)", ...); None tests once with the model's default.
+        eval_protocols: how test images reach each resolution ("zoom": resized; "canvas": unscaled on a
+            blank canvas), see `training.transforms.EvalProtocol`.
+        variant_net_args: variants that are more than a pos_embed: name -> net arguments (``pos_embed``
+            and e.g. ``rope_jitter``), passed as ``--model.net.init_args.<key>``.
+        baseline: the row every other row is compared with, seed by seed (paired differences); None or a
+            variant that is not studied skips the comparison.
         output_dir: report folder; runs go to ``<output_dir>/runs/<variant>-seed<seed>``.
+        jobs: runs trained and tested at the same time, each with ``cpu_count // jobs`` threads (on a
+            small CPU machine 2 single-thread runs beat one 2-thread run); 1 on GPUs.
+        test_args: extra ``train.py test`` options for every test, e.g. ``["--trainer.limit_test_batches=0.3"]``
+            (the first 30% of the test split).
         fit_args: extra ``train.py fit`` options for every run, e.g. ``["--trainer.max_epochs=2"]``;
-            options after ``--`` on the command line are appended.
+            on the command line, the options after ``--``.
         dry_run: check every run's configuration and print the commands, without training.
     """
-    check_study_args(variants, seeds, eval_resolutions)
+    started = time.perf_counter()
+    fit_args = [str(a) for a in fit_args]
+    test_args = [str(a) for a in test_args]
+    check_study_args(variants, seeds, eval_resolutions, variant_net_args, fit_args, test_args)
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs={jobs!r} must be a positive int (runs at the same time)")
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     if resolution_modes is not None and len(set(resolution_modes)) != len(resolution_modes):
         raise ValueError(f"resolution_modes={list(resolution_modes)} must not repeat a mode")
+    from .data import check_protocols
+
+    eval_protocols = check_protocols(eval_protocols)
     configs = [os.fspath(path) for path in fit_config]
     output = Path(output_dir)
-    # Build each variant's model and data once in-process, so a bad option fails now, not after hours of training.
-    for variant in variants:
-        args = fit_command(configs, variant, seeds[0], output / "preflight", fit_args)[1:]
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-            resolutions = json.dumps(list(eval_resolutions))
-            cli_main([*args, "--model.eval_resolutions", resolutions, "--trainer.logger=false"], run=False)
-    print(f"[study] configuration checked for variants {list(variants)}", flush=True)
-    runs: list[dict[str, Any]] = []
-    for variant in variants:
-        for seed in seeds:
-            run_dir = output / "runs" / f"{variant}-seed{seed}"
-            fit = fit_command(configs, variant, seed, run_dir, fit_args)
-            modes = modes_for(variant, resolution_modes)
-            if dry_run:
-                for args in [fit] + [test_command(run_dir, eval_resolutions, mode) for mode in modes]:
-                    print(f"python {TRAIN_SCRIPT.name} {shlex.join(args)}")
-                continue
-            runs += _train_and_test(variant, seed, run_dir, fit, modes, eval_resolutions)
-    if dry_run:
-        return None
-    train_resolutions = {run["train_resolution"] for run in runs}
-    settings = {
-        "fit_config": configs,
-        "fit_args": list(fit_args),
-        "variants": list(variants),
-        "seeds": list(seeds),
-        "resolution_modes": list(resolution_modes) if resolution_modes else None,
-        "eval_resolutions": list(eval_resolutions),
-        "train_resolution": train_resolutions.pop() if len(train_resolutions) == 1 else sorted(train_resolutions),
-    }
-    files = write_study_report(output, runs, settings)
+    lock = RunFolderLock(output, "study folder") if not dry_run else None
+    try:
+        _preflight(configs, variants, seeds, eval_resolutions, eval_protocols, variant_net_args, fit_args, output)
+        planned = []
+        for variant in variants:
+            pos_embed = net_args(variant, variant_net_args)["pos_embed"]
+            for seed in seeds:
+                run_dir = output / "runs" / f"{variant}-seed{seed}"
+                fit = fit_command(configs, variant, seed, run_dir, fit_args, variant_net_args)
+                modes = modes_for(pos_embed, resolution_modes)
+                planned.append((variant, seed, run_dir, fit, modes))
+                if dry_run:
+                    tests = [test_command(run_dir, eval_resolutions, eval_protocols, mode) + test_args for mode in modes]
+                    for args in [fit, *tests]:
+                        print(f"python {TRAIN_SCRIPT.name} {shlex.join(args)}")
+        if dry_run:
+            return None
+
+        def one(plan: tuple) -> tuple[list[dict[str, Any]], float]:
+            variant, seed, run_dir, fit, modes = plan
+            return _train_and_test(variant, seed, run_dir, fit, modes, eval_resolutions, eval_protocols, test_args,
+                                   threads)
+
+        if jobs == 1:
+            outcomes = [one(plan) for plan in planned]
+        else:
+            with ThreadPoolExecutor(jobs) as pool:
+                futures = [pool.submit(one, plan) for plan in planned]
+                wait(futures)
+            errors = [f.exception() for f in futures if f.exception() is not None]
+            if errors:
+                raise errors[0]
+            outcomes = [f.result() for f in futures]
+        runs = [record for records, _ in outcomes for record in records]
+        run_seconds = sum(seconds for _, seconds in outcomes)
+        train_resolutions = {run["train_resolution"] for run in runs}
+        settings = {
+            "fit_config": configs,
+            "fit_args": list(fit_args),
+            "variants": list(variants),
+            "variant_net_args": {v: net_args(v, variant_net_args) for v in variants if v in (variant_net_args or {})},
+            "seeds": list(seeds),
+            "resolution_modes": list(resolution_modes) if resolution_modes else None,
+            "eval_resolutions": list(eval_resolutions),
+            "eval_protocols": list(eval_protocols),
+            "test_args": list(test_args),
+            "jobs": jobs,
+            "baseline": baseline if baseline in variants else None,
+            "train_resolution": train_resolutions.pop() if len(train_resolutions) == 1 else sorted(train_resolutions),
+            "wall_seconds": time.perf_counter() - started,
+            "run_seconds": run_seconds,
+        }
+        files = write_study_report(output, runs, settings)
+    finally:
+        if lock is not None:
+            lock.release()
     print(files["results.md"].read_text())
     print(f"[study] report: {', '.join(os.fspath(p) for p in files.values())}")
     return files
 
 
+def _preflight(configs: list[str], variants: Sequence[str], seeds: Sequence[int], eval_resolutions: Sequence[int],
+               eval_protocols: Sequence[str], variant_net_args: Optional[dict[str, dict[str, Any]]],
+               fit_args: Sequence[str], output: Path) -> None:
+    """Build each variant's model and data once in-process, so a bad option fails now, not after hours."""
+    from .cli import cli_main
+
+    for variant in variants:
+        args = fit_command(configs, variant, seeds[0], output / "preflight", fit_args, variant_net_args)[1:]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            cli_main(
+                [*args, "--model.eval_resolutions", json.dumps(list(eval_resolutions)),
+                 "--model.eval_protocols", json.dumps(list(eval_protocols)), "--trainer.logger=false"],
+                run=False,
+            )
+    print(f"[study] configuration checked for variants {list(variants)}", flush=True)
+
+
 def _train_and_test(
-    variant: str, seed: int, run_dir: Path, fit: list[str], modes: list[Optional[str]], eval_resolutions: Sequence[int]
-) -> list[dict[str, Any]]:
+    variant: str,
+    seed: int,
+    run_dir: Path,
+    fit: list[str],
+    modes: list[Optional[str]],
+    eval_resolutions: Sequence[int],
+    eval_protocols: Sequence[str],
+    test_args: Sequence[str] = (),
+    threads: Optional[int] = None,
+) -> tuple[list[dict[str, Any]], float]:
     """One run: fit (resuming from last.ckpt if a previous attempt stopped), then one test per mode.
 
-    Finished steps are reused. Returns one record per mode; ``fit_seconds`` is the wall time of the
-    fit command that finished the run (after a resume, of that part).
+    Finished steps are reused. Returns one record per mode and the seconds spent here; ``fit_seconds`` is
+    the wall time of the fit command that finished the run (after a resume, of that part).
     """
-    fit_record = run_dir / "fit.json"
-    if fit_record.exists():
-        previous = json.loads(fit_record.read_text())["args"]
+    spent = 0.0
+    started = run_dir / "run.json"
+    if started.exists():
+        previous = json.loads(started.read_text())["args"]
         if previous != fit:
             raise ValueError(
                 f"{os.fspath(run_dir)} was trained by `train.py {shlex.join(previous)}`, "
                 f"not `train.py {shlex.join(fit)}`; choose another output_dir or delete that folder"
             )
+    elif (run_dir / "checkpoints").exists():
+        raise ValueError(
+            f"{os.fspath(run_dir)} holds checkpoints but no run.json recording their arguments; "
+            "choose another output_dir or delete that folder"
+        )
     else:
+        atomic_write(started, json.dumps({"args": fit}, indent=2) + "\n")
+    fit_record = run_dir / "fit.json"
+    if not fit_record.exists():
         resume = ["--ckpt_path", "last"] if (run_dir / "checkpoints" / "last.ckpt").exists() else []
-        seconds = _run(fit + resume, f"fit {variant} seed {seed}")
-        record = {"seconds": seconds, "args": fit, "resumed": bool(resume)}
-        atomic_write(fit_record, json.dumps(record, indent=2) + "\n")
+        seconds = _run(fit + resume, f"fit {variant} seed {seed}", threads=threads)
+        spent += seconds
+        atomic_write(fit_record, json.dumps({"seconds": seconds, "args": fit, "resumed": bool(resume)}, indent=2) + "\n")
     records = []
     for mode in modes:
         eval_path = run_dir / ("test" if mode is None else f"test-{mode}") / "eval.json"
-        if not _tested(eval_path, run_dir / "checkpoints" / "last.ckpt", mode, eval_resolutions):
+        command = [*test_command(run_dir, eval_resolutions, eval_protocols, mode), *test_args]
+        record = eval_path.parent / "study_test.json"  # the exact test command, so other test_args retest
+        same_command = record.exists() and json.loads(record.read_text())["args"] == command
+        if not (same_command and _tested(eval_path, run_dir / "checkpoints" / "last.ckpt", mode, eval_resolutions,
+                                         eval_protocols)):
             what = f"test {variant} seed {seed}" + (f" {mode}" if mode else "")
-            _run(test_command(run_dir, eval_resolutions, mode), what)
+            record.unlink(missing_ok=True)
+            spent += _run(command, what, threads=threads)
+            atomic_write(record, json.dumps({"args": command}, indent=2) + "\n")
         report = json.loads(eval_path.read_text())
         records.append(
             {
@@ -193,32 +365,39 @@ def _train_and_test(
                 "run_dir": os.fspath(run_dir),
                 "fit_seconds": json.loads(fit_record.read_text())["seconds"],
                 "num_params": report["meta"]["num_params"],
+                "test_samples": report["meta"].get("test_samples"),
                 "train_resolution": report["meta"]["train_resolution"],
                 "results": report["results"],
             }
         )
-    return records
+    return records, spent
 
 
-def _tested(eval_path: Path, checkpoint: Path, mode: Optional[str], eval_resolutions: Sequence[int]) -> bool:
-    """Whether eval_path holds the test of this checkpoint, in this mode, at exactly these resolutions."""
+def _tested(eval_path: Path, checkpoint: Path, mode: Optional[str], eval_resolutions: Sequence[int],
+            eval_protocols: Sequence[str]) -> bool:
+    """Whether eval_path holds the test of this checkpoint, in this mode, at exactly these protocols x resolutions."""
     if not eval_path.exists():
         return False
     report = json.loads(eval_path.read_text())
+    expected = [[p, r] for p in eval_protocols for r in eval_resolutions]
     return (
         Path(report["meta"]["checkpoint"]).resolve() == checkpoint.resolve()
         and report["meta"]["resolution_mode"] == mode
-        and [r["resolution"] for r in report["results"]] == sorted(eval_resolutions)
+        and [[r.get("protocol", "zoom"), r["resolution"]] for r in report["results"]] == expected
     )
 
 
+def add_study_arguments(parser: ArgumentParser) -> list[str]:
+    """Add `run_study`'s arguments to ``parser`` (``fit_args`` as the positionals after ``--``); return their names."""
+    added = parser.add_function_arguments(run_study, skip={"fit_args"}, as_group=False)
+    parser.add_argument(
+        "fit_args", nargs="*", default=[], help="train.py fit options for every run, after `--`"
+    )
+    return [*added, "fit_args"]
+
+
 def study_main(argv: Optional[list[str]] = None) -> None:
-    """``train.py study`` entry: study options, then optionally ``--`` and extra fit options for every run."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra: list[str] = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, extra = argv[:cut], argv[cut + 1 :]
-    if extra:
-        argv += ["--fit_args+", json.dumps(extra)]
-    CLI(run_study, args=argv, as_positional=False)
+    """``train.py study`` from Python: the same as ``cli_main(["study", *argv])``."""
+    from .cli import cli_main
+
+    cli_main(["study", *(sys.argv[1:] if argv is None else argv)])
