@@ -3,10 +3,10 @@
 * `examples.text_lm`: a byte-level causal language model on the Python standard library's source,
   trained at one context length and evaluated at 1x-8x (NoPE, learned, sinusoidal, ALiBi, RoPE,
   RoPE with eval-time context scaling, p-RoPE).
-* `examples.video`: a 3D `vit` on clips of moving Fashion-MNIST garments (label = direction and
-  speed of motion), evaluated at more frames and larger frames than trained.
-* `examples.multimodal`: one packed sequence of text tokens and image patches, with
-  `ndrope.multimodal_positions` and a 3-axis M-RoPE against flat 1D positions.
+* `examples.video`: a 3D `vit` on clips of moving Fashion-MNIST garments (label = direction before
+  and after a half-way turn), evaluated at more frames and larger frames than trained.
+* `examples.multimodal`: one packed sequence of image patches and a question ("what is top left ?"),
+  with `ndrope.multimodal_positions` and a 3-axis M-RoPE against flat 1D positions and none.
 
 Run each from the repository root, e.g. ``python -m examples.text_lm``; each writes
 ``reports/<example>/`` (a Markdown and a JSON table and a PNG plot). `examples.common` holds what the
