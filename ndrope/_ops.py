@@ -139,7 +139,9 @@ def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
     cos, sin, x = ctx.saved_tensors
     grad = grad.contiguous()  # e.g. the expanded ones of out.sum()
     if x is None:
-        return Rotate.apply(grad, cos, sin, ctx.interleaved, not ctx.inverse), None, None, None, None
+        # create_graph (grad mode on in backward) needs the Function, to differentiate this rotation again
+        rotate_grad = Rotate.apply if torch.is_grad_enabled() else rotate
+        return rotate_grad(grad, cos, sin, ctx.interleaved, not ctx.inverse), None, None, None, None
     if torch.is_grad_enabled():  # create_graph: stay differentiable
         grad_x = Rotate.apply(grad, cos, sin, ctx.interleaved, not ctx.inverse)
         grad_cos, grad_sin = _angle_grads(grad, x, cos, ctx.interleaved, ctx.inverse)

@@ -111,6 +111,26 @@ class TestValues:
         back = torch.ops.ndrope.rotate(out, cos, sin, interleaved, not inverse)
         torch.testing.assert_close(back, x, **{k: 4 * v for k, v in TOL[dtype].items()})
 
+    @param("table", ["shared", "per_batch"])
+    @param("heads", [1, 4, 5, 9], ids=lambda h: f"H{h}")
+    @param("pairs", [16, 32, 64, 24], ids=lambda p: f"P{p}")
+    @param("dtype", [torch.float32, torch.bfloat16], ids=str)
+    @param("layout", LAYOUTS)
+    def test_kernel_groups_rows_that_share_a_table_row(self, layout, dtype, pairs, heads, table):
+        """The kernel applies each table row to up to 4 rows of the dims the table broadcasts over, with
+        the pair loop unrolled for P = 16, 32, 64: whole groups, a remainder, single rows, partial
+        rotation, and work split over threads in the middle of a group."""
+        kernel_or_skip()
+        g = torch.Generator().manual_seed(pairs + heads)
+        x = torch.randn(3, heads, 401, 2 * pairs + 2, generator=g).to(dtype)  # 2 channels pass through
+        theta = torch.rand(*((3, 1) if table == "per_batch" else ()), 401, pairs, generator=g) * 20 - 10
+        cos, sin = ndrope.cos_sin(theta)
+        interleaved = layout == "interleaved"
+        out = torch.ops.ndrope.rotate(x, cos, sin, interleaved, False)
+        torch.testing.assert_close(out, _ops._rotate_torch(x, cos, sin, interleaved, False), **TOL[dtype])
+        torch.testing.assert_close(out, expected(x, theta, layout), **TOL[dtype])
+        assert torch.equal(out[..., 2 * pairs :], x[..., 2 * pairs :])
+
     def test_strided_last_dim(self, path):
         x = make_x(torch.float32).transpose(-1, -2).contiguous().transpose(-1, -2)  # stride(-1) == N
         assert x.stride(-1) != 1

@@ -14,6 +14,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <omp.h>
 
 namespace {
@@ -66,9 +67,14 @@ struct Rows {
     }
   }
 
-  // Calls fn(offsets) for rows [begin, end), stepping the multi-index like an odometer.
+  // Calls fn(offsets, n) for rows [begin, end) in runs of n consecutive rows of the innermost dim
+  // (offsets of the run's first row; the next row of the run is at offsets + stride[o][ndim - 1]).
   template <typename Fn>
   void walk(int64_t begin, int64_t end, const Fn& fn) const {
+    if (ndim == 0) {
+      if (begin < end) fn(static_cast<const int64_t*>(zero_), int64_t(1));
+      return;
+    }
     int64_t index[kMaxDims];
     int64_t offset[Ops] = {};
     int64_t rest = begin;
@@ -77,16 +83,36 @@ struct Rows {
       rest /= size[d];
       for (int o = 0; o < Ops; ++o) offset[o] += index[d] * stride[o][d];
     }
-    for (int64_t r = begin; r < end; ++r) {
-      fn(static_cast<const int64_t*>(offset));
-      for (int d = ndim - 1; d >= 0; --d) {
-        for (int o = 0; o < Ops; ++o) offset[o] += stride[o][d];
-        if (++index[d] < size[d]) break;
+    const int inner = ndim - 1;
+    for (int64_t r = begin; r < end;) {
+      const int64_t run = size[inner] - index[inner] < end - r ? size[inner] - index[inner] : end - r;
+      fn(static_cast<const int64_t*>(offset), run);
+      r += run;
+      for (int o = 0; o < Ops; ++o) offset[o] += run * stride[o][inner];
+      index[inner] += run;
+      for (int d = inner; d >= 0 && index[d] == size[d]; --d) {  // carry, odometer style
         for (int o = 0; o < Ops; ++o) offset[o] -= size[d] * stride[o][d];
         index[d] = 0;
+        if (d == 0) break;
+        ++index[d - 1];
+        for (int o = 0; o < Ops; ++o) offset[o] += stride[o][d - 1];
       }
     }
   }
+  // offset[o] of row `index` (0 <= index < count) for each operand
+  void offsets(int64_t index, int64_t* offset) const {
+    for (int o = 0; o < Ops; ++o) offset[o] = 0;
+    for (int d = ndim - 1; d >= 0; --d) {
+      const int64_t i = index % size[d];
+      index /= size[d];
+      for (int o = 0; o < Ops; ++o) offset[o] += i * stride[o][d];
+    }
+  }
+  // the step between consecutive rows of a run, per operand
+  int64_t step(int o) const { return ndim > 0 ? stride[o][ndim - 1] : 0; }
+
+ private:
+  int64_t zero_[Ops] = {};
 };
 
 // Splits [0, count) evenly over the threads, as at::parallel_for does; serial for small work.
@@ -121,6 +147,59 @@ inline void rotate_row(const T* __restrict__ x, const C* __restrict__ cos, const
     out[b] = store<T, C>(xb * c + xa * s);
   }
   for (int64_t j = 2 * pairs; j < dim; ++j) out[j] = x[j];
+}
+
+// Up to kGroup rows that share their cos/sin (rows along the dims the tables broadcast over, such as
+// batch and heads) go through each table row together: the table row is read from memory once and
+// from L1 for the others. The table is as large as x per row in bfloat16, so reading it once per x
+// row, from L2 or L3, would cost about as much traffic as x itself.
+constexpr int kGroup = 4;
+
+// A run of table rows, each applied to `members` x rows; row i of the run is at pointer + i * step[o].
+template <typename T, typename C>
+struct Run {
+  const T* x[kGroup];
+  T* out[kGroup];
+  int members;
+  const C* cos;
+  const C* sin;
+  const int64_t* step;
+  int64_t rows, pairs, dim;
+  C sign;
+};
+
+// Members and Pairs known at compile time (0: read them from the run) let the loops unroll.
+template <typename T, typename C, bool Interleaved, int64_t Pairs, int Members>
+void rotate_run_fixed(const Run<T, C>& r) {
+  const int members = Members ? Members : r.members;
+  for (int64_t i = 0; i < r.rows; ++i) {
+    const C* cos = r.cos + i * r.step[1];
+    const C* sin = r.sin + i * r.step[2];
+    for (int m = 0; m < members; ++m)
+      rotate_row<T, C, Interleaved>(r.x[m] + i * r.step[0], cos, sin, r.out[m] + i * r.step[3],
+                                    Pairs ? Pairs : r.pairs, r.dim, r.sign);
+  }
+}
+
+template <typename T, typename C, bool Interleaved, int64_t Pairs>
+void rotate_run_pairs(const Run<T, C>& r) {
+  r.members == kGroup ? rotate_run_fixed<T, C, Interleaved, Pairs, kGroup>(r)
+                      : rotate_run_fixed<T, C, Interleaved, Pairs, 0>(r);
+}
+
+template <typename T, typename C, bool Interleaved>
+void rotate_run(const Run<T, C>& r) {
+  // unrolled for head dims 32, 64 and 128 rotated whole, in the dtypes models run in (float32 and
+  // bfloat16 x, float32 tables); the other combinations keep one loop, which keeps the build short
+  if constexpr (std::is_same_v<C, float> && (std::is_same_v<T, float> || std::is_same_v<T, bf16>)) {
+    switch (r.pairs) {
+      case 16: return rotate_run_pairs<T, C, Interleaved, 16>(r);
+      case 32: return rotate_run_pairs<T, C, Interleaved, 32>(r);
+      case 64: return rotate_run_pairs<T, C, Interleaved, 64>(r);
+      default: break;
+    }
+  }
+  rotate_run_pairs<T, C, Interleaved, 0>(r);
 }
 
 // Backward of one row when the angles are learned: grad_x (rotation by -sign * angle, if wanted)
@@ -196,23 +275,48 @@ int32_t check(const RotaryCall* call, int64_t ops, int64_t optional) {
 }
 
 // Forward (and backward with fixed angles): operands x, cos, sin, out.
+// Work items are (group of kGroup broadcast rows, table row), group-major, split evenly over threads.
 template <typename T, typename C>
 void rotate(const Call& call) {
   const int64_t* const strides[4] = {call.strides(0), call.strides(1), call.strides(2), call.strides(3)};
-  const Rows<4> rows(call.ndim, call.sizes, strides, nullptr);
+  bool table_dim[kMaxDims], broadcast_dim[kMaxDims];
+  for (int64_t d = 0; d < call.ndim; ++d) {
+    broadcast_dim[d] = strides[1][d] == 0 && strides[2][d] == 0;
+    table_dim[d] = !broadcast_dim[d];
+  }
+  const Rows<4> tables(call.ndim, call.sizes, strides, table_dim);
+  const Rows<4> shared(call.ndim, call.sizes, strides, broadcast_dim);
   const T* x = call.data<const T>(0);
   const C* cos = call.data<const C>(1);
   const C* sin = call.data<const C>(2);
   T* out = call.data<T>(3);
   const C sign = call.inverse ? C(-1) : C(1);
-  const int64_t pairs = call.pairs, dim = call.dim;
-  parallel_rows(rows.count, rows.count * dim, call.threads, [&](int64_t begin, int64_t end) {
-    rows.walk(begin, end, [&](const int64_t* off) {
-      if (call.interleaved)
-        rotate_row<T, C, true>(x + off[0], cos + off[1], sin + off[2], out + off[3], pairs, dim, sign);
-      else
-        rotate_row<T, C, false>(x + off[0], cos + off[1], sin + off[2], out + off[3], pairs, dim, sign);
-    });
+  const int64_t step[4] = {tables.step(0), tables.step(1), tables.step(2), tables.step(3)};
+  const int64_t groups = (shared.count + kGroup - 1) / kGroup, rows = tables.count;
+  parallel_rows(groups * rows, tables.count * shared.count * call.dim, call.threads, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end;) {
+      const int64_t group = item / rows, first = item % rows;
+      const int64_t last = end - item < rows - first ? first + (end - item) : rows;
+      Run<T, C> run{};
+      run.members = static_cast<int>(shared.count - group * kGroup < kGroup ? shared.count - group * kGroup : kGroup);
+      int64_t member[kGroup][4];
+      for (int m = 0; m < run.members; ++m) shared.offsets(group * kGroup + m, member[m]);
+      run.step = step;
+      run.pairs = call.pairs;
+      run.dim = call.dim;
+      run.sign = sign;
+      tables.walk(first, last, [&](const int64_t* off, int64_t count) {
+        for (int m = 0; m < run.members; ++m) {
+          run.x[m] = x + off[0] + member[m][0];
+          run.out[m] = out + off[3] + member[m][3];
+        }
+        run.cos = cos + off[1];  // the shared dims are the ones cos/sin broadcast over (stride 0)
+        run.sin = sin + off[2];
+        run.rows = count;
+        call.interleaved ? rotate_run<T, C, true>(run) : rotate_run<T, C, false>(run);
+      });
+      item += last - first;
+    }
   });
 }
 
@@ -240,19 +344,27 @@ void rotate_backward(const Call& call) {
   const C sign = call.inverse ? C(-1) : C(1);
   const int64_t pairs = call.pairs, dim = call.dim;
   parallel_rows(outer.count, outer.count * inner.count * dim, call.threads, [&](int64_t begin, int64_t end) {
-    outer.walk(begin, end, [&](const int64_t* o) {
-      C* dc = dcos + o[5];
-      C* ds = dsin + o[6];
-      for (int64_t j = 0; j < pairs; ++j) dc[j] = ds[j] = C(0);
-      inner.walk(0, inner.count, [&](const int64_t* i) {
-        const T* g_row = g + o[0] + i[0];
-        const T* x_row = x + o[1] + i[1];
-        T* dx_row = dx ? dx + o[4] + i[4] : nullptr;
-        if (call.interleaved)
-          backward_row<T, C, true>(g_row, x_row, cos + o[2], sin + o[3], dx_row, dc, ds, pairs, dim, sign);
-        else
-          backward_row<T, C, false>(g_row, x_row, cos + o[2], sin + o[3], dx_row, dc, ds, pairs, dim, sign);
-      });
+    outer.walk(begin, end, [&](const int64_t* outer_start, int64_t outer_run) {
+      for (int64_t k = 0; k < outer_run; ++k) {
+        int64_t o[7];
+        for (int q = 0; q < 7; ++q) o[q] = outer_start[q] + k * outer.step(q);
+        C* dc = dcos + o[5];
+        C* ds = dsin + o[6];
+        for (int64_t j = 0; j < pairs; ++j) dc[j] = ds[j] = C(0);
+        inner.walk(0, inner.count, [&](const int64_t* inner_start, int64_t inner_run) {
+          for (int64_t m = 0; m < inner_run; ++m) {
+            int64_t i[7];
+            for (int q = 0; q < 7; ++q) i[q] = inner_start[q] + m * inner.step(q);
+            const T* g_row = g + o[0] + i[0];
+            const T* x_row = x + o[1] + i[1];
+            T* dx_row = dx ? dx + o[4] + i[4] : nullptr;
+            if (call.interleaved)
+              backward_row<T, C, true>(g_row, x_row, cos + o[2], sin + o[3], dx_row, dc, ds, pairs, dim, sign);
+            else
+              backward_row<T, C, false>(g_row, x_row, cos + o[2], sin + o[3], dx_row, dc, ds, pairs, dim, sign);
+          }
+        });
+      }
     });
   });
 }
