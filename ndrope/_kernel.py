@@ -109,9 +109,21 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux reports them (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            line = next((line for line in info if line.startswith("flags")), "")
+    except OSError:
+        return frozenset()
+    return frozenset(line.partition(":")[2].split())
+
+
 def _command() -> list[str]:
     capability = torch.backends.cpu.get_cpu_capability()
-    flags = _ISA_FLAGS.get(capability, [])
+    flags = list(_ISA_FLAGS.get(capability, []))
+    if capability == "AVX512" and "avx512_bf16" in _cpu_flags():
+        flags.append("-mavx512bf16")  # one-instruction bfloat16 rounding (vcvtne2ps2bf16)
     return [os.environ.get("CXX", "c++"), "-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", *flags]
 
 

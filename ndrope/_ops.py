@@ -76,13 +76,25 @@ def _use_kernel(x: Tensor) -> bool:
     )
 
 
-@torch.library.custom_op("ndrope::rotate", mutates_args=())
-def rotate(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, inverse: bool) -> Tensor:
-    """x (..., N, D) rotated by the angles of cos/sin (..., N, P) (by minus them when ``inverse``)."""
+# Defined with torch.library.Library rather than the custom_op decorator: the dispatcher then calls
+# the kernels below directly, without custom_op's per-call wrappers (about 5 us of a ~25 us call).
+_LIBRARY = torch.library.Library("ndrope", "DEF")
+_LIBRARY.define("rotate(Tensor x, Tensor cos, Tensor sin, bool interleaved, bool inverse) -> Tensor")
+_LIBRARY.define(
+    "rotate_backward(Tensor grad, Tensor x, Tensor cos, Tensor sin, bool interleaved, bool inverse) "
+    "-> (Tensor, Tensor, Tensor)"
+)
+#: x (..., N, D) rotated by the angles of cos/sin (..., N, P) (by minus them when ``inverse``)
+rotate = torch.ops.ndrope.rotate.default
+#: (grad_x, grad_cos, grad_sin) of `rotate` in one pass; grad_cos/sin have cos's (unexpanded) shape
+rotate_backward = torch.ops.ndrope.rotate_backward.default
+
+
+def _rotate_any(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, inverse: bool) -> Tensor:
+    """Every device: the torch formula."""
     return _rotate_torch(x, cos, sin, interleaved, inverse)
 
 
-@rotate.register_kernel("cpu")
 def _rotate_cpu(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, inverse: bool) -> Tensor:
     if not _use_kernel(x):
         return _rotate_torch(x, cos, sin, interleaved, inverse)
@@ -92,27 +104,27 @@ def _rotate_cpu(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, inverse:
     return out
 
 
-@rotate.register_fake
 def _rotate_fake(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, inverse: bool) -> Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-@torch.library.custom_op("ndrope::rotate_backward", mutates_args=())
-def rotate_backward(
+_LIBRARY.impl("rotate", _rotate_any, "CompositeExplicitAutograd")
+_LIBRARY.impl("rotate", _rotate_cpu, "CPU")
+torch.library.register_fake("ndrope::rotate", _rotate_fake, lib=_LIBRARY)
+
+
+def _rotate_backward_any(
     grad: Tensor, x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, inverse: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(grad_x, grad_cos, grad_sin) of `rotate` in one pass; grad_cos/sin have cos's (unexpanded) shape."""
     grad_cos, grad_sin = _angle_grads(grad, x, cos, interleaved, inverse)
     return _rotate_torch(grad, cos, sin, interleaved, not inverse), grad_cos, grad_sin
 
 
-@rotate_backward.register_kernel("cpu")
 def _rotate_backward_cpu(
     grad: Tensor, x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, inverse: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     if not _use_kernel(x):
-        grad_cos, grad_sin = _angle_grads(grad, x, cos, interleaved, inverse)
-        return _rotate_torch(grad, cos, sin, interleaved, not inverse), grad_cos, grad_sin
+        return _rotate_backward_any(grad, x, cos, sin, interleaved, inverse)
     table = (*x.shape[:-1], cos.shape[-1])
     grad_x = torch.empty(x.shape, dtype=x.dtype)
     grad_cos, grad_sin = torch.empty(cos.shape, dtype=cos.dtype), torch.empty(sin.shape, dtype=sin.dtype)
@@ -121,11 +133,15 @@ def _rotate_backward_cpu(
     return grad_x, grad_cos, grad_sin
 
 
-@rotate_backward.register_fake
 def _rotate_backward_fake(
     grad: Tensor, x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, inverse: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(cos), torch.empty_like(sin)
+
+
+_LIBRARY.impl("rotate_backward", _rotate_backward_any, "CompositeExplicitAutograd")
+_LIBRARY.impl("rotate_backward", _rotate_backward_cpu, "CPU")
+torch.library.register_fake("ndrope::rotate_backward", _rotate_backward_fake, lib=_LIBRARY)
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
@@ -150,7 +166,7 @@ def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
     return (grad_x if ctx.needs_input_grad[0] else None), grad_cos, grad_sin, None, None
 
 
-rotate.register_autograd(_backward, setup_context=_setup_context)
+torch.library.register_autograd("ndrope::rotate", _backward, setup_context=_setup_context, lib=_LIBRARY)
 
 
 class Rotate(torch.autograd.Function):
@@ -176,7 +192,6 @@ class Rotate(torch.autograd.Function):
 Rotate.forward.__signature__ = inspect.signature(Rotate.forward)
 
 
-@rotate.register_vmap
 def _rotate_vmap(info: Any, in_dims: tuple, x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, inverse: bool):
     """Batch dims go first; every operand gets x's rank, and x the rows of the broadcast result."""
     x_dim, cos_dim, sin_dim = in_dims[:3]
@@ -195,3 +210,6 @@ def _rotate_vmap(info: Any, in_dims: tuple, x: Tensor, cos: Tensor, sin: Tensor,
     rows = torch.broadcast_shapes(x.shape[:-1], cos.shape[:-1])
     x = x.expand(*rows, x.shape[-1])
     return rotate(x, cos.contiguous(), sin.contiguous(), interleaved, inverse), 0
+
+
+torch.library.register_vmap("ndrope::rotate", _rotate_vmap, lib=_LIBRARY)
