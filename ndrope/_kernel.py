@@ -218,34 +218,61 @@ def failure() -> BaseException | None:
     return _failure
 
 
+def _row_strides(tensor: Tensor | None, rows: int) -> tuple[int, ...]:
+    """The element strides of ``tensor`` (..., last) over x's ``rows`` row dims, as if expanded to
+    them: 0 on the dims it broadcasts over (missing or size 1), and 0 everywhere for None."""
+    if tensor is None:
+        return (0,) * rows
+    shape, stride = tensor.shape[:-1], tensor.stride()[:-1]
+    if len(shape) == rows and 1 not in shape:
+        return stride  # x-shaped (the common case, a few hundred nanoseconds)
+    if len(shape) > rows:
+        raise ValueError(f"an operand of shape {tuple(tensor.shape)} has more row dims than x's {rows}")
+    return (0,) * (rows - len(shape)) + tuple(0 if size == 1 else step for size, step in zip(shape, stride))
+
+
+class _Template:
+    """A filled-in RotaryCall for one geometry; each call copies it and adds the data pointers."""
+
+    __slots__ = ("call", "numbers")
+
+    def __init__(self, call: _RotaryCall, numbers: ctypes.Array) -> None:
+        self.call, self.numbers = call, numbers  # numbers: the sizes and strides the call points into
+
+
+_TEMPLATES: dict[tuple, _Template] = {}
+_MAX_TEMPLATES = 256
+
+
 def run(entry: str, x: Tensor, table_dtype: torch.dtype, interleaved: bool, inverse: bool, operands: list) -> None:
-    """Describe one call over x's rows and run it; ``operands`` are tensors (or None) with x's row dims."""
+    """Run one call over x's rows. ``operands`` are tensors (or None) broadcastable to x's rows with
+    their own last dim (x.shape[:-1] + (D or P,)); the call reads and writes their data in place."""
     lib = library()
     rows = x.dim() - 1
-    # one int64 buffer: the row sizes, then each operand's strides over them
-    numbers = list(x.shape[:-1])
-    for tensor in operands:
-        numbers.extend(tensor.stride()[:-1] if tensor is not None else (0,) * rows)
-    buffer = (ctypes.c_int64 * max(len(numbers), 1))(*numbers)
-    base = ctypes.addressof(buffer)
-    call = _RotaryCall(
-        ABI_VERSION,
-        DTYPE_CODES[x.dtype],
-        TABLE_DTYPE_CODES[table_dtype],
-        int(interleaved),
-        int(inverse),
-        torch.get_num_threads(),
-        rows,
-        operands[2 if entry == "ndrope_rotate_backward" else 1].shape[-1],
-        x.shape[-1],
-        base,
-        len(operands),
-    )
-    for index, tensor in enumerate(operands):
-        if tensor is not None:
-            call.operands[index].data = tensor.data_ptr()
+    sizes = tuple(x.shape[:-1])
+    strides = tuple(_row_strides(tensor, rows) for tensor in operands)
+    pairs = operands[2 if entry == "ndrope_rotate_backward" else 1].shape[-1]
+    threads = torch.get_num_threads()
+    key = (entry, x.dtype, table_dtype, interleaved, inverse, threads, sizes, strides, pairs, x.shape[-1])
+    template = _TEMPLATES.get(key)
+    if template is None:
+        numbers = (ctypes.c_int64 * max(rows * (len(operands) + 1), 1))(*sizes, *(n for s in strides for n in s))
+        base = ctypes.addressof(numbers)
+        call = _RotaryCall(
+            ABI_VERSION, DTYPE_CODES[x.dtype], TABLE_DTYPE_CODES[table_dtype], int(interleaved), int(inverse),
+            threads, rows, pairs, x.shape[-1], base, len(operands),
+        )
+        for index in range(len(operands)):
             call.operands[index].strides = base + 8 * rows * (index + 1)
+        if len(_TEMPLATES) >= _MAX_TEMPLATES:
+            _TEMPLATES.clear()
+        template = _TEMPLATES[key] = _Template(call, numbers)
+    call = _RotaryCall.from_buffer_copy(template.call)  # per call: threads may run calls concurrently
+    targets = call.operands
+    for index, tensor in enumerate(operands):
+        targets[index].data = tensor.data_ptr() if tensor is not None else None
     status = getattr(lib, entry)(ctypes.byref(call))
+    del template  # the numbers the call pointed into stayed alive until here
     if status != 0:
         shapes = ", ".join(f"{t.dtype} {tuple(t.shape)}" for t in operands if t is not None)
         raise RuntimeError(f"{entry} refused the call: {_STATUS.get(status, status)} ({shapes})")

@@ -98,9 +98,8 @@ def _rotate_any(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, inverse:
 def _rotate_cpu(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, inverse: bool) -> Tensor:
     if not _use_kernel(x):
         return _rotate_torch(x, cos, sin, interleaved, inverse)
-    table = (*x.shape[:-1], cos.shape[-1])
     out = torch.empty(x.shape, dtype=x.dtype)
-    _kernel.run("ndrope_rotate", x, cos.dtype, interleaved, inverse, [x, cos.expand(table), sin.expand(table), out])
+    _kernel.run("ndrope_rotate", x, cos.dtype, interleaved, inverse, [x, cos, sin, out])
     return out
 
 
@@ -125,10 +124,9 @@ def _rotate_backward_cpu(
 ) -> tuple[Tensor, Tensor, Tensor]:
     if not _use_kernel(x):
         return _rotate_backward_any(grad, x, cos, sin, interleaved, inverse)
-    table = (*x.shape[:-1], cos.shape[-1])
     grad_x = torch.empty(x.shape, dtype=x.dtype)
     grad_cos, grad_sin = torch.empty(cos.shape, dtype=cos.dtype), torch.empty(sin.shape, dtype=sin.dtype)
-    operands = [grad, x, cos.expand(table), sin.expand(table), grad_x, grad_cos.expand(table), grad_sin.expand(table)]
+    operands = [grad, x, cos, sin, grad_x, grad_cos, grad_sin]  # the tables broadcast over x's rows
     _kernel.run("ndrope_rotate_backward", x, cos.dtype, interleaved, inverse, operands)
     return grad_x, grad_cos, grad_sin
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import pytest
@@ -458,6 +459,36 @@ class TestKernelABI:
         x, cos = torch.randn(5, 8), torch.randn(5, 4)
         with pytest.raises(RuntimeError, match="ndrope_rotate refused the call: wrong operands"):
             _kernel.run("ndrope_rotate", x, torch.float32, False, False, [x, cos, cos])
+
+    def test_call_templates_are_per_geometry_and_evicted(self, monkeypatch):
+        """`run` reuses a filled-in call per geometry (shape, strides, dtypes); a full cache is cleared,
+        and every geometry still gets its own sizes and strides."""
+        kernel_or_skip()
+        monkeypatch.setattr(_kernel, "_TEMPLATES", {})
+        monkeypatch.setattr(_kernel, "_MAX_TEMPLATES", 2)
+        shapes = [(2, 3, 5, 8), (3, 5, 8), (4, 1, 5, 8), (2, 3, 5, 8)]  # the last one repeats the first
+        for rep in range(2):
+            for shape in shapes:
+                x = torch.randn(shape)
+                theta = torch.randn(5, 3)
+                torch.testing.assert_close(ndrope.apply_rotary(x, theta), expected(x, theta), **TOL[torch.float32])
+        assert 1 <= len(_kernel._TEMPLATES) <= 2
+
+    def test_threads_rotating_at_once_get_their_own_results(self):
+        """Python threads calling the kernel concurrently, with the same and different geometries."""
+        kernel_or_skip()
+        inputs = [(torch.randn(2, 3, 7 + i % 3, 16), torch.randn(7 + i % 3, 8)) for i in range(8)]
+        with ThreadPoolExecutor(4) as pool:
+            for _ in range(5):
+                outs = list(pool.map(lambda pair: ndrope.apply_rotary(*pair), inputs))
+                for (x, theta), out in zip(inputs, outs):
+                    torch.testing.assert_close(out, expected(x, theta), **TOL[torch.float32])
+
+    def test_an_operand_with_more_row_dims_than_x_is_refused(self):
+        kernel_or_skip()
+        x, cos = torch.randn(5, 8), torch.randn(2, 5, 4)
+        with pytest.raises(ValueError, match=r"more row dims than x's 1"):
+            _kernel.run("ndrope_rotate", x, torch.float32, False, False, [x, cos, cos, torch.empty_like(x)])
 
     def test_unavailable_kernel_falls_back_with_one_warning(self, monkeypatch):
         def broken_load() -> None:
