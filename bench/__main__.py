@@ -88,11 +88,14 @@ def _print_rotary(rows: list[dict[str, Any]]) -> None:
 
 
 def _print_targets(found: list[dict[str, Any]]) -> None:
-    print("\ntargets (ndrope time / bound; met if forward <= 1.25x the copy bound, forward+backward <= 1.0x the best peer)")
+    print(
+        "\ntargets (ndrope time / bound, the median of per-round ratios; met if forward <= 1.25x the copy bound,"
+        " forward+backward <= 1.0x the best peer; in brackets the ratio of the medians)"
+    )
     for t in found:
         verdict = "met" if t["met"] else "NOT MET"
         where = f"{t['passes']:16} {t['shape']} {t['dtype']:8} {t['method']:18}"
-        print(f"  {where} {t['ratio']:5.2f}x {t['versus']:26} {verdict}")
+        print(f"  {where} {t['ratio']:5.2f}x ({t['ratio_of_medians']:4.2f}) {t['versus']:26} {verdict}")
 
 
 def _print_vit(rows: list[dict[str, Any]]) -> None:

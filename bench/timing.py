@@ -12,7 +12,8 @@ from typing import Callable, Mapping
 def measure(
     cases: Mapping[str, Callable[[], object]], repeats: int, *, warmup: int = 1, settle: bool = True
 ) -> dict[str, dict[str, float]]:
-    """Median and minimum wall time in seconds of each case over ``repeats`` interleaved rounds.
+    """Median and minimum wall time in seconds of each case over ``repeats`` interleaved rounds, and the
+    time of every round (``rounds``, in round order, so that cases can be compared round by round).
 
     With ``settle`` a case runs twice per round and only the second call is timed: the first settles
     the caches and the allocator for that case (the L3 of these machines holds the whole working set,
@@ -29,7 +30,9 @@ def measure(
             del result
             if round_index >= warmup:
                 times[name].append(elapsed)
-    return {name: dict(median=statistics.median(values), min=min(values)) for name, values in times.items()}
+    return {
+        name: dict(median=statistics.median(values), min=min(values), rounds=values) for name, values in times.items()
+    }
 
 
 def warm_allocator() -> bool:
