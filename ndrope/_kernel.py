@@ -1,7 +1,7 @@
 """The CPU rotary kernel (`csrc/rotary.cpp`): built on first use, verified before it is loaded.
 
-The library has a plain C ABI and no torch headers, so the system compiler builds it in about a
-second. It is cached in ``$NDROPE_CACHE_DIR`` (default ``$XDG_CACHE_HOME/ndrope``, i.e.
+The library has a plain C ABI and no torch headers, so the system compiler builds it in a few
+seconds (about 4 s on a 2-core AMD EPYC). It is cached in ``$NDROPE_CACHE_DIR`` (default ``$XDG_CACHE_HOME/ndrope``, i.e.
 ``~/.cache/ndrope``) under a name keyed by the source, the compiler command and the CPU's ISA, next to
 a ``.sha256`` file the build writes. A cached library is loaded only when
 
