@@ -16,6 +16,7 @@ returns None); nothing unexpected is ever executed or trusted silently.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import stat
@@ -28,7 +29,7 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("csrc") / "rotary.cpp"
-ABI_VERSION = 2
+ABI_VERSION = 3
 #: Row dims (x.dim() - 1) the kernel accepts; higher ranks take the torch formula.
 MAX_ROW_DIMS = 16
 _MAX_OPERANDS = 7
@@ -70,6 +71,7 @@ class _RotaryCall(ctypes.Structure):
         ("dim", ctypes.c_int64),
         ("sizes", ctypes.c_void_p),
         ("n_operands", ctypes.c_int64),
+        ("stream_bytes", ctypes.c_int64),
         ("operands", _Operand * _MAX_OPERANDS),
     ]
 
@@ -218,6 +220,30 @@ def failure() -> BaseException | None:
     return _failure
 
 
+@functools.cache
+def last_level_cache_bytes() -> int:
+    """The largest data cache of CPU 0 as Linux reports it in /sys, 0 where unknown.
+
+    The kernel writes outputs that, with their input, exceed it with non-temporal stores. /sys rather
+    than sysconf: in virtual machines glibc's CPUID-based figure can be the host's whole L3 (320 MB for
+    this machine's 32 MB)."""
+    largest = 0
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            if (index / "type").read_text().strip() == "Instruction":
+                continue
+            size = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        try:
+            value = int(size[:-1]) * units[size[-1]] if size[-1:] in units else int(size)
+        except ValueError:
+            continue
+        largest = max(largest, value)
+    return largest
+
+
 def _row_strides(tensor: Tensor | None, rows: int) -> tuple[int, ...]:
     """The element strides of ``tensor`` (..., last) over x's ``rows`` row dims, as if expanded to
     them: 0 on the dims it broadcasts over (missing or size 1), and 0 everywhere for None."""
@@ -252,15 +278,15 @@ def run(entry: str, x: Tensor, table_dtype: torch.dtype, interleaved: bool, inve
     sizes = tuple(x.shape[:-1])
     strides = tuple(_row_strides(tensor, rows) for tensor in operands)
     pairs = operands[2 if entry == "ndrope_rotate_backward" else 1].shape[-1]
-    threads = torch.get_num_threads()
-    key = (entry, x.dtype, table_dtype, interleaved, inverse, threads, sizes, strides, pairs, x.shape[-1])
+    threads, stream_bytes = torch.get_num_threads(), last_level_cache_bytes()
+    key = (entry, x.dtype, table_dtype, interleaved, inverse, threads, sizes, strides, pairs, x.shape[-1], stream_bytes)
     template = _TEMPLATES.get(key)
     if template is None:
         numbers = (ctypes.c_int64 * max(rows * (len(operands) + 1), 1))(*sizes, *(n for s in strides for n in s))
         base = ctypes.addressof(numbers)
         call = _RotaryCall(
             ABI_VERSION, DTYPE_CODES[x.dtype], TABLE_DTYPE_CODES[table_dtype], int(interleaved), int(inverse),
-            threads, rows, pairs, x.shape[-1], base, len(operands),
+            threads, rows, pairs, x.shape[-1], base, len(operands), stream_bytes,
         )
         for index in range(len(operands)):
             call.operands[index].strides = base + 8 * rows * (index + 1)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -131,6 +132,29 @@ class TestValues:
         torch.testing.assert_close(out, _ops._rotate_torch(x, cos, sin, interleaved, False), **TOL[dtype])
         torch.testing.assert_close(out, expected(x, theta, layout), **TOL[dtype])
         assert torch.equal(out[..., 2 * pairs :], x[..., 2 * pairs :])
+
+    @param("inverse", [False, True])
+    @param("head_dim", [16, 32, 64, 24, 34], ids=lambda d: f"D{d}")
+    @param("dtype", [torch.float32, torch.bfloat16], ids=str)
+    @param("layout", LAYOUTS)
+    def test_streamed_rows_match_the_formula(self, monkeypatch, layout, dtype, head_dim, inverse):
+        """Outputs larger than the last-level cache are written with non-temporal stores, rows of whole
+        64-byte lines only (D = 16, 32, 64 here; 24 and 34 take the plain stores). A 1-byte 'cache'
+        streams every call."""
+        kernel_or_skip()
+        monkeypatch.setattr(_kernel, "last_level_cache_bytes", lambda: 1)
+        g = torch.Generator().manual_seed(head_dim)
+        x = torch.randn(3, 5, 301, head_dim, generator=g).to(dtype)
+        cos, sin = ndrope.cos_sin(torch.rand(301, head_dim // 2 - 1, generator=g) * 20 - 10)  # 2 channels pass
+        interleaved = layout == "interleaved"
+        out = torch.ops.ndrope.rotate(x, cos, sin, interleaved, inverse)
+        torch.testing.assert_close(out, _ops._rotate_torch(x, cos, sin, interleaved, inverse), **TOL[dtype])
+
+    def test_the_last_level_cache_is_read_from_sys(self):
+        size = _kernel.last_level_cache_bytes()
+        assert size >= 0
+        if Path("/sys/devices/system/cpu/cpu0/cache/index0/size").exists():
+            assert size >= 256 * 1024  # at least an L2's worth on any machine with a cache hierarchy
 
     def test_strided_last_dim(self, path):
         x = make_x(torch.float32).transpose(-1, -2).contiguous().transpose(-1, -2)  # stride(-1) == N

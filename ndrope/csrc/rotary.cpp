@@ -21,7 +21,7 @@
 #include <cstring>
 #include <type_traits>
 #include <omp.h>
-#if defined(__AVX512BF16__)
+#if defined(__SSE2__)
 #include <immintrin.h>
 #endif
 
@@ -152,58 +152,101 @@ inline __m512 widen(__m256i bits) {  // 16 bfloat16 -> 16 float (exact)
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
 
+// 16 pairs of the tables, in registers, ready for any number of rows: rows sharing a table row
+// (batch, heads) load it and arrange it once. Fewer than 16 pairs (left < 16): masked loads and stores.
+struct Bf16Chunk {
+  __m512 c0, c1, s0, s1;  // half: c, s. interleaved: c and +-s spread over pairs, lanes 0-15 and 16-31
+  __mmask16 m16;
+  __mmask32 m32;
+  bool full;
+};
+
 template <bool Interleaved>
-inline void rotate_bf16x16(const bf16* __restrict__ x, const float* __restrict__ cos, const float* __restrict__ sin,
-                           bf16* __restrict__ out, int64_t pairs, __m512 sign, int64_t left) {
-  // 16 pairs (fewer when left < 16: masked loads and stores)
-  const bool full = left >= 16;
-  const __mmask16 m16 = full ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
-  const __m512 c = full ? _mm512_loadu_ps(cos) : _mm512_maskz_loadu_ps(m16, cos);
-  const __m512 s = _mm512_mul_ps(full ? _mm512_loadu_ps(sin) : _mm512_maskz_loadu_ps(m16, sin), sign);
-  if constexpr (!Interleaved) {  // pairs (j, j + P): two runs of 16 channels
-    const __m256i a_bits = full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))
-                                : _mm256_maskz_loadu_epi16(m16, x);
-    const __m256i b_bits = full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + pairs))
-                                : _mm256_maskz_loadu_epi16(m16, x + pairs);
-    const __m512 a = widen(a_bits), b = widen(b_bits);
-    const __m512 out_a = _mm512_fmsub_ps(a, c, _mm512_mul_ps(b, s));
-    const __m512 out_b = _mm512_fmadd_ps(b, c, _mm512_mul_ps(a, s));
-    const __m512i both = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(out_b, out_a));  // [out_a | out_b]
-    if (full) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_castsi512_si256(both));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + pairs), _mm512_extracti64x4_epi64(both, 1));
-    } else {
-      _mm256_mask_storeu_epi16(out, m16, _mm512_castsi512_si256(both));
-      _mm256_mask_storeu_epi16(out + pairs, m16, _mm512_extracti64x4_epi64(both, 1));
-    }
-  } else {  // pairs (2j, 2j + 1): 32 consecutive channels
-    const __mmask32 m32 = full ? __mmask32(0xFFFFFFFFu) : __mmask32((uint64_t(1) << (2 * left)) - 1);
-    const __m512i bits = full ? _mm512_loadu_si512(x) : _mm512_maskz_loadu_epi16(m32, x);
-    const __m512 lo = widen(_mm512_castsi512_si256(bits)), hi = widen(_mm512_extracti64x4_epi64(bits, 1));
+inline Bf16Chunk bf16_chunk(const float* cos, const float* sin, __m512 sign, int64_t left) {
+  Bf16Chunk t;
+  t.full = left >= 16;
+  t.m16 = t.full ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+  t.m32 = t.full ? __mmask32(0xFFFFFFFFu) : __mmask32((uint64_t(1) << (2 * left)) - 1);
+  const __m512 c = t.full ? _mm512_loadu_ps(cos) : _mm512_maskz_loadu_ps(t.m16, cos);
+  const __m512 s = _mm512_mul_ps(t.full ? _mm512_loadu_ps(sin) : _mm512_maskz_loadu_ps(t.m16, sin), sign);
+  if constexpr (!Interleaved) {
+    t.c0 = c;
+    t.s0 = s;
+  } else {
     const __m512i first = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
     const __m512i second = _mm512_set_epi32(15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8);
     const __mmask16 even = 0x5555;  // the first member of each pair gets -x_b s, the second +x_a s
     const __m512 zero = _mm512_setzero_ps();
+    t.c0 = _mm512_permutexvar_ps(first, c);
+    t.c1 = _mm512_permutexvar_ps(second, c);
     const __m512 s_lo = _mm512_permutexvar_ps(first, s), s_hi = _mm512_permutexvar_ps(second, s);
-    const __m512 out_lo = _mm512_fmadd_ps(lo, _mm512_permutexvar_ps(first, c),
-                                          _mm512_mul_ps(_mm512_permute_ps(lo, 0xB1), _mm512_mask_sub_ps(s_lo, even, zero, s_lo)));
-    const __m512 out_hi = _mm512_fmadd_ps(hi, _mm512_permutexvar_ps(second, c),
-                                          _mm512_mul_ps(_mm512_permute_ps(hi, 0xB1), _mm512_mask_sub_ps(s_hi, even, zero, s_hi)));
+    t.s0 = _mm512_mask_sub_ps(s_lo, even, zero, s_lo);
+    t.s1 = _mm512_mask_sub_ps(s_hi, even, zero, s_hi);
+  }
+  return t;
+}
+
+// Rotates the chunk's pairs of one row: x, out point at the chunk's first channel (half: of x_a).
+template <bool Interleaved>
+inline void bf16_apply(const Bf16Chunk& t, const bf16* __restrict__ x, bf16* __restrict__ out, int64_t pairs) {
+  if constexpr (!Interleaved) {  // pairs (j, j + P): two runs of 16 channels
+    const __m256i a_bits = t.full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))
+                                  : _mm256_maskz_loadu_epi16(t.m16, x);
+    const __m256i b_bits = t.full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + pairs))
+                                  : _mm256_maskz_loadu_epi16(t.m16, x + pairs);
+    const __m512 a = widen(a_bits), b = widen(b_bits);
+    const __m512 out_a = _mm512_fmsub_ps(a, t.c0, _mm512_mul_ps(b, t.s0));
+    const __m512 out_b = _mm512_fmadd_ps(b, t.c0, _mm512_mul_ps(a, t.s0));
+    const __m512i both = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(out_b, out_a));  // [out_a | out_b]
+    if (t.full) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_castsi512_si256(both));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + pairs), _mm512_extracti64x4_epi64(both, 1));
+    } else {
+      _mm256_mask_storeu_epi16(out, t.m16, _mm512_castsi512_si256(both));
+      _mm256_mask_storeu_epi16(out + pairs, t.m16, _mm512_extracti64x4_epi64(both, 1));
+    }
+  } else {  // pairs (2j, 2j + 1): 32 consecutive channels
+    const __m512i bits = t.full ? _mm512_loadu_si512(x) : _mm512_maskz_loadu_epi16(t.m32, x);
+    const __m512 lo = widen(_mm512_castsi512_si256(bits)), hi = widen(_mm512_extracti64x4_epi64(bits, 1));
+    const __m512 out_lo = _mm512_fmadd_ps(lo, t.c0, _mm512_mul_ps(_mm512_permute_ps(lo, 0xB1), t.s0));
+    const __m512 out_hi = _mm512_fmadd_ps(hi, t.c1, _mm512_mul_ps(_mm512_permute_ps(hi, 0xB1), t.s1));
     const __m512i both = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(out_hi, out_lo));
-    if (full)
+    if (t.full)
       _mm512_storeu_si512(out, both);
     else
-      _mm512_mask_storeu_epi16(out, m32, both);
+      _mm512_mask_storeu_epi16(out, t.m32, both);
+  }
+}
+
+// `members` rows that share one table row (Members > 0: known at compile time). With Pairs known (at
+// most 64) the whole table row is arranged in registers once, then each row is rotated from start to
+// end (rows of a group lie far apart, and alternating between them chunk by chunk stalls on 4K
+// aliasing); otherwise each row loads the table chunks again (from L1).
+template <bool Interleaved, int Members, int64_t Pairs>
+inline void rotate_rows_bf16(const bf16* const* x, bf16* const* out, int members, const float* __restrict__ cos,
+                             const float* __restrict__ sin, int64_t pairs, float sign) {
+  const __m512 sign_v = _mm512_set1_ps(sign);
+  constexpr int64_t width = Interleaved ? 2 : 1;  // channels per pair in one run
+  if constexpr (Pairs > 0 && Pairs <= 64) {
+    constexpr int64_t chunks = (Pairs + 15) / 16;
+    Bf16Chunk t[chunks];
+    for (int64_t k = 0; k < chunks; ++k) t[k] = bf16_chunk<Interleaved>(cos + 16 * k, sin + 16 * k, sign_v, Pairs - 16 * k);
+    for (int m = 0; m < (Members ? Members : members); ++m)
+      for (int64_t k = 0; k < chunks; ++k) bf16_apply<Interleaved>(t[k], x[m] + width * 16 * k, out[m] + width * 16 * k, Pairs);
+  } else {
+    for (int m = 0; m < (Members ? Members : members); ++m)
+      for (int64_t j = 0; j < pairs; j += 16)
+        bf16_apply<Interleaved>(bf16_chunk<Interleaved>(cos + j, sin + j, sign_v, pairs - j), x[m] + width * j,
+                                out[m] + width * j, pairs);
   }
 }
 
 template <bool Interleaved>
 inline void rotate_row_bf16(const bf16* __restrict__ x, const float* __restrict__ cos,
                             const float* __restrict__ sin, bf16* __restrict__ out, int64_t pairs, float sign) {
-  const __m512 sign_v = _mm512_set1_ps(sign);
-  constexpr int64_t width = Interleaved ? 2 : 1;  // channels per pair in one run
-  for (int64_t j = 0; j < pairs; j += 16)
-    rotate_bf16x16<Interleaved>(x + width * j, cos + j, sin + j, out + width * j, pairs, sign_v, pairs - j);
+  const bf16* rows[1] = {x};
+  bf16* outs[1] = {out};
+  rotate_rows_bf16<Interleaved, 1, 0>(rows, outs, 1, cos, sin, pairs, sign);
 }
 #else
 constexpr bool kNativeBf16 = false;
@@ -231,6 +274,36 @@ inline void rotate_row(const T* __restrict__ x, const C* __restrict__ cos, const
   for (int64_t j = 2 * pairs; j < dim; ++j) out[j] = x[j];
 }
 
+// Non-temporal stores: a row is computed into an L1 buffer, then written past the caches. Worth it
+// only for outputs that, with their input, do not fit the last-level cache (they would be evicted
+// before anyone reads them): the write then costs one memory transfer instead of two (no read for
+// ownership), as glibc's memcpy does for large copies. x86 only; rows of whole 64-byte lines.
+#if defined(__SSE2__)
+constexpr bool kCanStream = true;
+inline void stream_row(void* dst, const void* src, int64_t bytes) {  // 64-byte aligned, bytes % 64 == 0
+  auto* to = static_cast<unsigned char*>(dst);
+  const auto* from = static_cast<const unsigned char*>(src);
+  for (int64_t b = 0; b < bytes; b += 64) {
+#if defined(__AVX512F__)
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(to + b), _mm512_load_si512(from + b));
+#elif defined(__AVX__)
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(to + b), _mm256_load_si256(reinterpret_cast<const __m256i*>(from + b)));
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(to + b + 32),
+                        _mm256_load_si256(reinterpret_cast<const __m256i*>(from + b + 32)));
+#else
+    for (int k = 0; k < 64; k += 16)
+      _mm_stream_si128(reinterpret_cast<__m128i*>(to + b + k), _mm_load_si128(reinterpret_cast<const __m128i*>(from + b + k)));
+#endif
+  }
+}
+inline void stream_fence() { _mm_sfence(); }  // the streamed rows are visible before the call returns
+#else
+constexpr bool kCanStream = false;
+inline void stream_row(void*, const void*, int64_t) {}
+inline void stream_fence() {}
+#endif
+constexpr int64_t kStreamRowBytes = 4096;  // the L1 buffer of one row
+
 // Up to kGroup rows that share their cos/sin (rows along the dims the tables broadcast over, such as
 // batch and heads) go through each table row together: the table row is read from memory once and
 // from L1 for the others. The table is as large as x per row in bfloat16, so reading it once per x
@@ -248,6 +321,7 @@ struct Run {
   const int64_t* step;
   int64_t rows, pairs, dim;
   C sign;
+  bool stream;  // write rows with non-temporal stores (where aligned)
 };
 
 // Members and Pairs known at compile time (0: read them from the run) let the loops unroll.
@@ -257,9 +331,34 @@ void rotate_run_fixed(const Run<T, C>& r) {
   for (int64_t i = 0; i < r.rows; ++i) {
     const C* cos = r.cos + i * r.step[1];
     const C* sin = r.sin + i * r.step[2];
-    for (int m = 0; m < members; ++m)
-      rotate_row<T, C, Interleaved>(r.x[m] + i * r.step[0], cos, sin, r.out[m] + i * r.step[3],
-                                    Pairs ? Pairs : r.pairs, r.dim, r.sign);
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+    if constexpr (std::is_same_v<T, bf16> && std::is_same_v<C, float>) {
+      if (!r.stream) {  // the table chunk is loaded once for all members
+        const T* x[kGroup];
+        T* out[kGroup];
+        for (int m = 0; m < members; ++m) {
+          x[m] = r.x[m] + i * r.step[0];
+          out[m] = r.out[m] + i * r.step[3];
+        }
+        rotate_rows_bf16<Interleaved, Members, Pairs>(x, out, members, cos, sin, Pairs ? Pairs : r.pairs, r.sign);
+        for (int m = 0; m < members; ++m)
+          for (int64_t j = 2 * (Pairs ? Pairs : r.pairs); j < r.dim; ++j) out[m][j] = x[m][j];
+        continue;
+      }
+    }
+#endif
+    for (int m = 0; m < members; ++m) {
+      T* out = r.out[m] + i * r.step[3];
+      const int64_t bytes = r.dim * int64_t(sizeof(T));
+      if (r.stream && bytes <= kStreamRowBytes && bytes % 64 == 0 && reinterpret_cast<uintptr_t>(out) % 64 == 0) {
+        alignas(64) unsigned char row[kStreamRowBytes];
+        rotate_row<T, C, Interleaved>(r.x[m] + i * r.step[0], cos, sin, reinterpret_cast<T*>(row),
+                                      Pairs ? Pairs : r.pairs, r.dim, r.sign);
+        stream_row(out, row, bytes);
+      } else {
+        rotate_row<T, C, Interleaved>(r.x[m] + i * r.step[0], cos, sin, out, Pairs ? Pairs : r.pairs, r.dim, r.sign);
+      }
+    }
   }
 }
 
@@ -307,7 +406,7 @@ inline void backward_row(const T* __restrict__ g, const T* __restrict__ x, const
 }
 // ---- the ABI shared with ndrope/_kernel.py -------------------------------------------------------
 
-constexpr int32_t kAbiVersion = 2;
+constexpr int32_t kAbiVersion = 3;
 constexpr int kMaxOperands = 7;
 
 struct Operand {
@@ -327,6 +426,7 @@ struct RotaryCall {
   int64_t dim;          // D channels per row (unit stride)
   const int64_t* sizes; // the ndim row sizes
   int64_t n_operands;   // 4 for forward (x, cos, sin, out), 7 for backward (grad, x, cos, sin, dx, dcos, dsin)
+  int64_t stream_bytes; // forward: non-temporal stores when x + out exceed this (the last-level cache); 0 never
   Operand operands[kMaxOperands];
 };
 
@@ -375,6 +475,8 @@ void rotate(const Call& call) {
   const C sign = call.inverse ? C(-1) : C(1);
   const int64_t step[4] = {tables.step(0), tables.step(1), tables.step(2), tables.step(3)};
   const int64_t groups = (shared.count + kGroup - 1) / kGroup, rows = tables.count;
+  const int64_t out_bytes = tables.count * shared.count * call.dim * int64_t(sizeof(T));
+  const bool stream = kCanStream && call.raw->stream_bytes > 0 && 2 * out_bytes > call.raw->stream_bytes;
   parallel_rows(groups * rows, tables.count * shared.count * call.dim, call.threads, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end;) {
       const int64_t group = item / rows, first = item % rows;
@@ -387,6 +489,7 @@ void rotate(const Call& call) {
       run.pairs = call.pairs;
       run.dim = call.dim;
       run.sign = sign;
+      run.stream = stream;
       tables.walk(first, last, [&](const int64_t* off, int64_t count) {
         for (int m = 0; m < run.members; ++m) {
           run.x[m] = x + off[0] + member[m][0];
@@ -399,6 +502,7 @@ void rotate(const Call& call) {
       });
       item += last - first;
     }
+    if (stream) stream_fence();
   });
 }
 
@@ -485,7 +589,8 @@ extern "C" int64_t ndrope_abi(int64_t* out, int64_t n) {
       offsetof(RotaryCall, abi_version), offsetof(RotaryCall, x_dtype), offsetof(RotaryCall, table_dtype),
       offsetof(RotaryCall, interleaved), offsetof(RotaryCall, inverse), offsetof(RotaryCall, threads),
       offsetof(RotaryCall, ndim), offsetof(RotaryCall, pairs), offsetof(RotaryCall, dim),
-      offsetof(RotaryCall, sizes), offsetof(RotaryCall, n_operands), offsetof(RotaryCall, operands),
+      offsetof(RotaryCall, sizes), offsetof(RotaryCall, n_operands), offsetof(RotaryCall, stream_bytes),
+      offsetof(RotaryCall, operands),
       offsetof(Operand, data), offsetof(Operand, strides)};
   const int64_t count = sizeof(values) / sizeof(values[0]);
   for (int64_t i = 0; i < count && i < n; ++i) out[i] = values[i];
