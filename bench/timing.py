@@ -1,5 +1,6 @@
 """Interleaved timing: every round runs each candidate in turn, so load spikes on a shared machine
-hit all of them alike and ratios measured in one run stay meaningful."""
+hit all of them alike and ratios measured in one run stay meaningful. The order rotates from round to
+round, so that no candidate always inherits the caches and threads of the same predecessor."""
 
 from __future__ import annotations
 
@@ -18,10 +19,14 @@ def measure(
     With ``settle`` a case runs twice per round and only the second call is timed: the first settles
     the caches and the allocator for that case (the L3 of these machines holds the whole working set,
     so the previous case's leftovers would otherwise decide the time). Results are released untimed.
+    Round r runs the cases starting from the r-th (rotating), so each follows each other one alike.
     """
     times: dict[str, list[float]] = {name: [] for name in cases}
+    names = list(cases)
     for round_index in range(warmup + repeats):
-        for name, fn in cases.items():
+        shift = round_index % len(names) if names else 0
+        for name in names[shift:] + names[:shift]:  # round r starts with case r (mod the number of cases)
+            fn = cases[name]
             if settle:
                 fn()  # its result is dropped at once
             start = time.perf_counter()

@@ -42,11 +42,13 @@ def test_targets_compare_forward_with_copy_and_backward_with_the_best_peer():
     assert not {t["passes"]: t for t in rotary.targets(rows)}["forward"]["met"]
 
 
-def test_measure_returns_every_round():
+def test_measure_returns_every_round_and_rotates_the_order():
     calls = []
-    result = measure({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
-    assert calls == ["a", "a", "b", "b"] * 4  # settle + timed, per case, per round (1 warmup + 3)
-    assert [len(result[name]["rounds"]) for name in "ab"] == [3, 3]
+    cases = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    result = measure(cases, repeats=3, warmup=1)
+    # settle + timed per case; round r starts with case r: abc, bca, cab, abc (1 warmup + 3 rounds)
+    assert "".join(calls) == "aabbcc" + "bbccaa" + "ccaabb" + "aabbcc"
+    assert [len(result[name]["rounds"]) for name in "abc"] == [3, 3, 3]
     assert result["a"]["min"] == min(result["a"]["rounds"])
 
 
