@@ -147,8 +147,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.skip_rotary:
         rows = rotary.run(args.shapes, args.dtypes, args.repeats, compile_peer=not args.skip_compile)
         _print_rotary(rows)
-        payload.update(rotary=rows, targets=rotary.targets(rows))
+        payload.update(rotary=rows, targets=rotary.targets(rows), per_call=rotary.per_call())
         _print_targets(payload["targets"])
+        cost = payload["per_call"]
+        print(
+            f"\nper call, (2, 4, 8, 64) float32: apply_rotary {cost['apply_rotary_us']:.1f} us, with autograd "
+            f"{cost['apply_rotary_autograd_us']:.1f} us; q * 1.5 {cost['copy_us']:.1f} us"
+        )
     if args.skip_vit:
         payload["vit"] = {"skipped": "--skip-vit"}
     elif (reason := vit_step.unavailable()) is not None:

@@ -65,3 +65,9 @@ def test_a_tiny_rotation_run_checks_every_peer_and_reports_targets(monkeypatch):
     assert {(t["dtype"], t["passes"]) for t in found} == {
         (d, p) for d in ("float32", "bfloat16") for p in ("forward", "forward+backward")
     }
+
+
+def test_per_call_cost_is_measured_for_plain_and_recorded_calls():
+    cost = rotary.per_call(repeats=20)
+    assert set(cost) == {"apply_rotary_us", "apply_rotary_autograd_us", "copy_us"}
+    assert all(value > 0 for value in cost.values())
