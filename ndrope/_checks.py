@@ -88,11 +88,21 @@ def check_same_device(name: str, value: Tensor, other_name: str, other: Tensor) 
         raise ValueError(f"{name} is on {value.device} but {other_name} is on {other.device}; put them on one device")
 
 
-def check_finite(name: str, value: Tensor) -> Tensor:
-    """Reject NaN/inf. Skipped while tracing (no data-dependent branch for torch.compile) and for
-    tensors without data (meta, fake)."""
-    if torch.compiler.is_compiling() or not value.is_floating_point() or value.device.type == "meta":
+def check_finite(name: str, value: Tensor, *others: tuple[str, Tensor]) -> Tensor:
+    """Reject NaN/inf in ``value`` and in any (name, tensor) of ``others``, with one device sync for all.
+    Skipped while tracing (no data-dependent branch for torch.compile) and for tensors without data
+    (meta, fake). Returns ``value``."""
+    named = [(name, value), *others]
+    if torch.compiler.is_compiling():
         return value
+    checked = [(n, t) for n, t in named if t.is_floating_point() and t.device.type != "meta"]
+    if not checked:
+        return value
+    flags = [torch.isfinite(t).all() for _, t in checked]
+    if bool(torch.stack(flags).all() if len(flags) > 1 else flags[0]):
+        return value
+    bad = next(n for (n, _), flag in zip(checked, flags) if not bool(flag))
+    raise ValueError(f"{bad} contains non-finite values (NaN or inf); it must be finite")
     if not bool(torch.isfinite(value).all()):
         raise ValueError(f"{name} contains non-finite values (NaN or inf); positions must be finite")
     return value

@@ -135,6 +135,7 @@ def ntk_scaled_frequencies(freqs: Tensor, scale: Sequence[float]) -> Tensor:
     """
     check_tensor("freqs", freqs, min_rank=2)
     check_floating("freqs", freqs)
+    check_finite("freqs", freqs)
     n_axes = freqs.shape[-2]
     if n_axes == 0:
         raise ValueError(f"freqs {tuple(freqs.shape)} has no axes; it must be (A, P) or (H, A, P) with A >= 1")
@@ -188,7 +189,7 @@ def angles(positions: Tensor, freqs: Tensor, *, dtype: torch.dtype | None = None
             f"freqs has n_axes={freqs.shape[-2]} (shape {tuple(freqs.shape)}); they must match"
         )
     check_same_device("positions", positions, "freqs", freqs)
-    check_finite("positions", positions)  # a device sync on GPU; grid positions skip it (`_phase`)
+    check_finite("positions", positions, ("freqs", freqs))  # one device sync on GPU; grids skip it (`_phase`)
     if dtype is None:
         dtype = torch.float64 if positions.dtype == torch.float64 else torch.float32
     elif not dtype.is_floating_point:

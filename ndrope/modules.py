@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as rope_f
-from ._checks import check_choice, check_int, check_shape, check_tensor, choices
+from ._checks import check_choice, check_finite, check_int, check_shape, check_tensor, choices
 from .positions import grid
 
 #: How a grid other than the training grid (``reference_shape``) is positioned: ``"extrapolate"``
@@ -83,6 +83,7 @@ class RotaryEmbedding(nn.Module):
         check_tensor("freqs", freqs, min_rank=2)
         if freqs.dim() > 3 or not freqs.is_floating_point():
             raise ValueError(f"freqs must be a floating (A, P) or (H, A, P) tensor, got {freqs.dtype} {tuple(freqs.shape)}")
+        check_finite("freqs", freqs)
         module = cls.__new__(cls)
         nn.Module.__init__(module)
         module._setup(freqs, learnable=learnable, persistent=True, layout=layout, reference_shape=reference_shape)

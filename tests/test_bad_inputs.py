@@ -38,6 +38,8 @@ CASES: list[tuple[str, Callable[[], object], str]] = [
     ("ntk wrong length", lambda: ndrope.ntk_scaled_frequencies(F2, [2.0]), "scale=[2.0]"),
     ("ntk empty scale", lambda: ndrope.ntk_scaled_frequencies(F2, []), "scale=[]"),
     ("ntk integer freqs", lambda: ndrope.ntk_scaled_frequencies(F2.long(), [2.0, 2.0]), "freqs must be a floating"),
+    ("ntk nan freqs", lambda: ndrope.ntk_scaled_frequencies(F2 * float("nan"), [2.0, 2.0]), "freqs contains non-finite"),
+    ("module nan freqs", lambda: ndrope.RotaryEmbedding.from_frequencies(F2 * float("inf")), "freqs contains non-finite"),
     # positions
     ("grid with a zero size", lambda: ndrope.grid((0, 4)), "shape=(0, 4)"),
     ("grid as string", lambda: ndrope.grid("4x4"), "shape='4x4'"),
@@ -53,6 +55,7 @@ CASES: list[tuple[str, Callable[[], object], str]] = [
     # angles
     ("angles axes mismatch", lambda: ndrope.angles(torch.zeros(4, 3), F2), "n_axes=2"),
     ("angles nan positions", lambda: ndrope.angles(torch.tensor([[float("nan"), 0.0]]), F2), "positions contains non-finite"),
+    ("angles nan freqs", lambda: ndrope.angles(torch.zeros(4, 2), F2 * float("nan")), "freqs contains non-finite"),
     ("angles list positions", lambda: ndrope.angles([[0.0, 1.0]], F2), "positions must be a torch.Tensor"),
     ("angles bool positions", lambda: ndrope.angles(torch.zeros(4, 2, dtype=torch.bool), F2), "positions must be a real"),
     ("angles meta freqs", lambda: ndrope.angles(torch.zeros(4, 2), F2.to("meta")), "freqs is on meta"),
