@@ -80,12 +80,20 @@ def axial_frequencies(
     check_even_dim("dim", dim)
     theta = check_number("theta", theta)
     sizes = _split_pairs(dim // 2, n_axes, axis_dims)
-    freqs = torch.zeros(n_axes, dim // 2, dtype=torch.float64, device=device)
+    return _block_frequencies([_ladder(size, theta, device) for size in sizes]).to(dtype)
+
+
+def _block_frequencies(bands: Sequence[Tensor]) -> Tensor:
+    """F (A, sum P_a) in float64: axis a owns a contiguous block of pairs holding ``bands[a]`` (P_a,),
+    axis-major as timm lays it out; zero elsewhere. The layout of `axial_frequencies` and of the
+    vision recipes."""
+    device = bands[0].device if bands else None
+    freqs = torch.zeros(len(bands), sum(band.numel() for band in bands), dtype=torch.float64, device=device)
     start = 0
-    for axis, size in enumerate(sizes):
-        freqs[axis, start : start + size] = _ladder(size, theta, device)
-        start += size
-    return freqs.to(dtype)
+    for axis, band in enumerate(bands):
+        freqs[axis, start : start + band.numel()] = band
+        start += band.numel()
+    return freqs
 
 
 def mixed_frequencies(

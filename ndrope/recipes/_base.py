@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .. import Layout, augment_positions
 from .. import angles as _angles
+from ..functional import _block_frequencies as block_axial  # one block layout for ndrope and its recipes
 from .._checks import check_choice, check_shape, check_tensor
 
 #: How a grid turns into coordinates: integer indices, ``linspace(-1, 1)`` per axis (timm / rotary-embedding-torch
@@ -160,14 +161,3 @@ def ladder(pairs: int, theta: float, *, denominator: float | None = None) -> Ten
     """The 1D RoPE ladder (pairs,), float64: ``theta ** (-2k / d)`` with ``d = denominator`` (default 2 * pairs)."""
     d = 2 * pairs if denominator is None else denominator
     return 1.0 / theta ** (torch.arange(0, 2 * pairs, 2, dtype=torch.float64) / d)
-
-
-def block_axial(bands: Sequence[Tensor]) -> Tensor:
-    """F (A, sum P_a): axis a owns a contiguous block of pairs holding ``bands[a]`` (axis-major, as timm lays out)."""
-    total = sum(b.numel() for b in bands)
-    freqs = torch.zeros(len(bands), total, dtype=torch.float64)
-    start = 0
-    for axis, band in enumerate(bands):
-        freqs[axis, start : start + band.numel()] = band
-        start += band.numel()
-    return freqs
