@@ -6,7 +6,6 @@ Shape alphabet: B batch, H heads, N tokens, C width, D = C / H channels per head
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import math
@@ -19,11 +18,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 import ndrope
+from training import idx
 
 #: Where the Debian-style Fashion-MNIST install lives (gzip IDX files).
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
@@ -195,22 +196,12 @@ def _init_weights(module: nn.Module) -> None:
 
 
 def read_idx(path: str | os.PathLike) -> Tensor:
-    """A uint8 IDX file (plain or ``.gz``), as MNIST and Fashion-MNIST ship them: the tensor it stores.
-
-    Header: bytes 0, 0, 0x08 (uint8), ndim; then ndim big-endian uint32 sizes; then the data. (The same
-    format `training.datasets.read_idx` reads; this copy keeps the examples free of lightning/torchvision.)
-    """
-    path = Path(path)
-    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
-        data = f.read()
-    if len(data) < 4 or data[:3] != b"\x00\x00\x08":
-        raise ValueError(f"{path} is not a uint8 IDX file: header bytes {data[:4]!r}")
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    offset = 4 + 4 * ndim
-    if len(data) != offset + math.prod(shape):
-        raise ValueError(f"{path}: header says shape {shape} but the file has {len(data) - offset} data bytes")
-    return torch.frombuffer(bytearray(data[offset:]), dtype=torch.uint8).reshape(shape)
+    """A uint8 IDX file (plain or ``.gz``), as MNIST and Fashion-MNIST ship them: the tensor it stores
+    (read by `training.idx`, which needs neither lightning nor torchvision)."""
+    array = idx.read_idx(path)
+    if array.dtype != np.uint8:
+        raise ValueError(f"{path} holds {array.dtype} values; Fashion-MNIST images and labels are uint8")
+    return torch.from_numpy(array)
 
 
 def load_fashion_mnist(root: str | os.PathLike, split: str) -> tuple[Tensor, Tensor]:
@@ -225,13 +216,13 @@ def load_fashion_mnist(root: str | os.PathLike, split: str) -> tuple[Tensor, Ten
     root = Path(root)
     paths = []
     for stem in (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"):
-        found = [root / name for name in (f"{stem}.gz", stem) if (root / name).is_file()]
-        if not found:
+        found = idx.find_idx(root, stem)  # root/stem[.gz] or torchvision's root/FashionMNIST/raw/stem[.gz]
+        if found is None:
             raise FileNotFoundError(
                 f"Fashion-MNIST {split} file {stem}[.gz] not found in data_root={str(root)!r}; the default "
                 f"{FASHION_MNIST_ROOT} comes from Debian: apt-get update && apt-get install -y dataset-fashion-mnist"
             )
-        paths.append(found[0])
+        paths.append(found)
     images, labels = read_idx(paths[0]), read_idx(paths[1]).long()
     if images.dim() != 3 or labels.shape != images.shape[:1]:
         raise ValueError(f"{paths[0]}: expected images (N, h, w) and N labels, got {tuple(images.shape)}, {tuple(labels.shape)}")

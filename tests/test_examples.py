@@ -7,6 +7,8 @@ import gzip
 import json
 import math
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -269,3 +271,10 @@ def test_multimodal_runs_end_to_end(fashion_root, tmp_path):
     for row in report["rows"]:
         assert len(row["per_seed"]) == 2
         assert row["correct (%)"] + row["wrong quadrant (%)"] + row["other (%)"] == pytest.approx(100.0)
+
+
+def test_examples_read_fashion_mnist_without_lightning_or_torchvision():
+    """The examples share `training.idx` with the Lightning data modules but import neither framework."""
+    code = "import sys, examples.common; print(sorted(m for m in ('lightning', 'torchvision') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], check=True)
+    assert result.stdout.strip() == "[]"
