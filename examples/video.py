@@ -128,7 +128,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one training run per seed and encoding")
     parser.add_argument("--pos-embeds", nargs="+", default=list(POS_EMBEDS), choices=POS_EMBEDS)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: see README)")
     parser.add_argument("--out", default="reports/video")
@@ -165,32 +165,39 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                       for label, t, s in settings]]  # fmt: skip
     rows = []
     for pos_embed in args.pos_embeds:
-        torch.manual_seed(args.seed)
-        model = vit.create_vit(
-            pos_embed,
-            ndim=3,
-            img_size=(args.frames, args.size, args.size),
-            patch_size=(args.tubelet, args.patch, args.patch),
-            in_chans=1,
-            embed_dim=args.dim,
-            depth=args.depth,
-            num_heads=args.heads,
-            num_classes=NUM_CLASSES,
-        )
-        t0 = time.perf_counter()
-        batches = clip_batches(train_garments, args.frames, args.size, args.batch, args.seed)
-        train(model, batches, classification_loss, steps=args.steps, lr=args.lr,
-              log_every=max(1, args.steps // 4), name=pos_embed)  # fmt: skip
         modes = ["interpolate", "extrapolate", "ntk"] if pos_embed.startswith("rope") else ["-"]
+        per_seed: dict[str, list[list[float]]] = {mode: [] for mode in modes}  # mode -> per seed, per column
+        for seed in args.seeds:
+            torch.manual_seed(seed)
+            model = vit.create_vit(
+                pos_embed,
+                ndim=3,
+                img_size=(args.frames, args.size, args.size),
+                patch_size=(args.tubelet, args.patch, args.patch),
+                in_chans=1,
+                embed_dim=args.dim,
+                depth=args.depth,
+                num_heads=args.heads,
+                num_classes=NUM_CLASSES,
+            )
+            t0 = time.perf_counter()
+            batches = clip_batches(train_garments, args.frames, args.size, args.batch, seed)
+            train(model, batches, classification_loss, steps=args.steps, lr=args.lr,
+                  log_every=max(1, args.steps // 4), name=f"{pos_embed}/{seed}")  # fmt: skip
+            for mode in modes:
+                if mode != "-":
+                    vit.set_resolution_mode(model, mode)
+                scores = [accuracy(model, *eval_sets[label], batch=64) for label, _, _ in settings]
+                per_seed[mode].append(scores)
+                print(f"  [{pos_embed}/{mode}/{seed}] {time.perf_counter() - t0:.0f}s {[round(v, 1) for v in scores]}")
         for mode in modes:
-            if mode != "-":
-                vit.set_resolution_mode(model, mode)
+            runs = per_seed[mode]
             row = {"pos_embed": pos_embed, "mode": mode}
-            for column, (label, _, _) in zip(columns[2:], settings):
-                clips, labels = eval_sets[label]
-                row[column] = accuracy(model, clips, labels, batch=64)
+            row.update({column: sum(r[j] for r in runs) / len(runs) for j, column in enumerate(columns[2:])})
+            first = [r[0] for r in runs]  # the training size, over seeds
+            row["train size, min..max over seeds"] = f"{min(first):.1f}..{max(first):.1f}"
+            row["per_seed"] = runs
             rows.append(row)
-            print(f"  [{pos_embed}/{mode}] {time.perf_counter() - t0:.0f}s {[round(row[c], 1) for c in columns[2:]]}")
 
     def plot(figure) -> None:
         ax = figure.add_subplot(1, 1, 1)
@@ -210,16 +217,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
         f"chance {100 / NUM_CLASSES:.2f}%, order-blind best about 62.5%) on {args.eval_clips} clips per column "
         f"built from Fashion-MNIST *test* garments. Each model trained {args.steps} steps x {args.batch} clips "
         f"(T={args.frames}, S={args.size}, garment {args.garment}px, speeds {list(SPEEDS)} px/frame, patch "
-        f"{args.tubelet}x{args.patch}x{args.patch}), seed {args.seed}. `mode` is the RoPE coordinate rule at "
+        f"{args.tubelet}x{args.patch}x{args.patch}), seeds {args.seeds} (mean shown). `mode` is the RoPE coordinate rule at "
         "other grids (`vit.set_resolution_mode`); `learned` is resampled to the new grid by timm."
     )
     wall = time.perf_counter() - start
     command = command_line("examples.video", argv)
     config = {k: v for k, v in vars(args).items() if k != "out"}
+    table_columns = [*columns, "train size, min..max over seeds"]
     write_report(args.out, title="Video: a 3D ViT on moving Fashion-MNIST garments", command=command,
-                 columns=columns, rows=rows, config=config, wall_time_s=wall, notes=notes, plot=plot)  # fmt: skip
+                 columns=table_columns, rows=rows, config=config, wall_time_s=wall, notes=notes, plot=plot)  # fmt: skip
     print(f"wrote {Path(args.out) / 'report.md'} ({wall:.0f}s)")
-    return {"rows": rows, "wall_time_s": wall, "columns": columns}
+    return {"rows": rows, "wall_time_s": wall, "columns": table_columns}
 
 
 if __name__ == "__main__":

@@ -223,11 +223,22 @@ def test_video_runs_end_to_end(fashion_root, tmp_path):
         *[(kind, mode) for kind in ("rope_axial", "rope_mixed") for mode in ("interpolate", "extrapolate", "ntk")],
         ("none", "-"),
     ]
-    assert report["columns"][2:] == ["train size (T=2, S=12)", "T=4", "S=18", "T=4, S=18"]
+    assert report["columns"][2:] == ["train size (T=2, S=12)", "T=4", "S=18", "T=4, S=18", "train size, min..max over seeds"]
     for row in report["rows"]:
-        assert all(0 <= row[c] <= 100 for c in report["columns"][2:])
+        assert all(0 <= row[c] <= 100 for c in report["columns"][2:-1])
+        assert len(row["per_seed"]) == 1
     with pytest.raises(ValueError, match="multiples of --patch"):
         video.main([*argv[:-2], "--eval-sizes", "15", "--out", str(out)])
+    # two seeds: each row is the mean of its per-seed accuracies, and the range names both
+    video.main([*argv, "--seeds", "0", "1", "--pos-embeds", "rope_axial"])
+    report = read_report(out)
+    for row in report["rows"]:
+        runs = row["per_seed"]
+        assert len(runs) == 2
+        for j, column in enumerate(report["columns"][2:-1]):
+            assert row[column] == pytest.approx((runs[0][j] + runs[1][j]) / 2)
+        low, high = sorted(run[0] for run in runs)
+        assert row["train size, min..max over seeds"] == f"{low:.1f}..{high:.1f}"
 
 
 # ----------------------------------------------------------------------------- multimodal
