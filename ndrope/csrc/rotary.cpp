@@ -143,11 +143,13 @@ template <bool Interleaved> inline int64_t second(int64_t j, int64_t pairs) {
 }
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define NDROPE_NATIVE_BF16 1
+#endif
+
+#ifdef NDROPE_NATIVE_BF16
 // bfloat16 rows with AVX512-BF16: vcvtne2ps2bf16 rounds 32 floats to nearest even in one instruction,
 // where the portable loop spends about 8 integer operations per 16 values (the bulk of its time). Like
 // every use of that instruction it flushes results below 2^-126 (bfloat16 subnormals) to zero.
-constexpr bool kNativeBf16 = true;
-
 inline __m512 widen(__m256i bits) {  // 16 bfloat16 -> 16 float (exact)
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
@@ -163,7 +165,7 @@ struct Bf16Chunk {
 
 template <bool Interleaved>
 inline Bf16Chunk bf16_chunk(const float* cos, const float* sin, __m512 sign, int64_t left) {
-  Bf16Chunk t;
+  Bf16Chunk t{};
   t.full = left >= 16;
   t.m16 = t.full ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
   t.m32 = t.full ? __mmask32(0xFFFFFFFFu) : __mmask32((uint64_t(1) << (2 * left)) - 1);
@@ -248,15 +250,13 @@ inline void rotate_row_bf16(const bf16* __restrict__ x, const float* __restrict_
   bf16* outs[1] = {out};
   rotate_rows_bf16<Interleaved, 1, 0>(rows, outs, 1, cos, sin, pairs, sign);
 }
-#else
-constexpr bool kNativeBf16 = false;
-#endif
+#endif  // NDROPE_NATIVE_BF16
 
 // One row: the first 2P channels rotated by sign * angle, the rest copied.
 template <typename T, typename C, bool Interleaved>
 inline void rotate_row(const T* __restrict__ x, const C* __restrict__ cos, const C* __restrict__ sin,
                        T* __restrict__ out, int64_t pairs, int64_t dim, C sign) {
-#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#ifdef NDROPE_NATIVE_BF16
   if constexpr (std::is_same_v<T, bf16> && std::is_same_v<C, float>) {
     rotate_row_bf16<Interleaved>(x, cos, sin, out, pairs, sign);
     for (int64_t j = 2 * pairs; j < dim; ++j) out[j] = x[j];
@@ -331,7 +331,7 @@ void rotate_run_fixed(const Run<T, C>& r) {
   for (int64_t i = 0; i < r.rows; ++i) {
     const C* cos = r.cos + i * r.step[1];
     const C* sin = r.sin + i * r.step[2];
-#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#ifdef NDROPE_NATIVE_BF16
     if constexpr (std::is_same_v<T, bf16> && std::is_same_v<C, float>) {
       if (!r.stream) {  // the table chunk is loaded once for all members
         const T* x[kGroup];
