@@ -165,7 +165,7 @@ struct Bf16Chunk {
 
 template <bool Interleaved>
 inline Bf16Chunk bf16_chunk(const float* cos, const float* sin, __m512 sign, int64_t left) {
-  Bf16Chunk t{};
+  Bf16Chunk t;  // c1, s1 stay unset in the half layout (unused there)
   t.full = left >= 16;
   t.m16 = t.full ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
   t.m32 = t.full ? __mmask32(0xFFFFFFFFu) : __mmask32((uint64_t(1) << (2 * left)) - 1);
