@@ -328,6 +328,7 @@ struct Run {
 template <typename T, typename C, bool Interleaved, int64_t Pairs, int Members>
 void rotate_run_fixed(const Run<T, C>& r) {
   const int members = Members ? Members : r.members;
+  const int64_t bytes = r.dim * int64_t(sizeof(T));  // of one row
   for (int64_t i = 0; i < r.rows; ++i) {
     const C* cos = r.cos + i * r.step[1];
     const C* sin = r.sin + i * r.step[2];
@@ -349,7 +350,6 @@ void rotate_run_fixed(const Run<T, C>& r) {
 #endif
     for (int m = 0; m < members; ++m) {
       T* out = r.out[m] + i * r.step[3];
-      const int64_t bytes = r.dim * int64_t(sizeof(T));
       if (r.stream && bytes <= kStreamRowBytes && bytes % 64 == 0 && reinterpret_cast<uintptr_t>(out) % 64 == 0) {
         alignas(64) unsigned char row[kStreamRowBytes];
         rotate_row<T, C, Interleaved>(r.x[m] + i * r.step[0], cos, sin, reinterpret_cast<T*>(row),
@@ -456,18 +456,32 @@ int32_t check(const RotaryCall* call, int64_t ops, int64_t optional) {
   return kOk;
 }
 
+// x's row dims in two index spaces: the dims the tables (operands a and b) vary over, and the dims
+// they broadcast over (stride 0 in both), such as batch and heads.
+template <int Ops>
+struct TableRows {
+  Rows<Ops> tables, shared;
+};
+
+template <int Ops>
+TableRows<Ops> table_rows(const Call& call, int a, int b) {
+  const int64_t* strides[Ops];
+  for (int o = 0; o < Ops; ++o) strides[o] = call.strides(o);
+  bool table_dim[kMaxDims], shared_dim[kMaxDims];
+  for (int64_t d = 0; d < call.ndim; ++d) {
+    shared_dim[d] = strides[a][d] == 0 && strides[b][d] == 0;
+    table_dim[d] = !shared_dim[d];
+  }
+  return {Rows<Ops>(call.ndim, call.sizes, strides, table_dim), Rows<Ops>(call.ndim, call.sizes, strides, shared_dim)};
+}
+
 // Forward (and backward with fixed angles): operands x, cos, sin, out.
 // Work items are (group of kGroup broadcast rows, table row), group-major, split evenly over threads.
 template <typename T, typename C>
 void rotate(const Call& call) {
-  const int64_t* const strides[4] = {call.strides(0), call.strides(1), call.strides(2), call.strides(3)};
-  bool table_dim[kMaxDims], broadcast_dim[kMaxDims];
-  for (int64_t d = 0; d < call.ndim; ++d) {
-    broadcast_dim[d] = strides[1][d] == 0 && strides[2][d] == 0;
-    table_dim[d] = !broadcast_dim[d];
-  }
-  const Rows<4> tables(call.ndim, call.sizes, strides, table_dim);
-  const Rows<4> shared(call.ndim, call.sizes, strides, broadcast_dim);
+  const TableRows<4> split = table_rows<4>(call, 1, 2);
+  const Rows<4>& tables = split.tables;
+  const Rows<4>& shared = split.shared;
   const T* x = call.data<const T>(0);
   const C* cos = call.data<const C>(1);
   const C* sin = call.data<const C>(2);
@@ -511,15 +525,9 @@ void rotate(const Call& call) {
 // table rows and sum over the broadcast dims themselves, so no two threads write the same row.
 template <typename T, typename C>
 void rotate_backward(const Call& call) {
-  const int64_t* const strides[7] = {call.strides(0), call.strides(1), call.strides(2), call.strides(3),
-                                     call.strides(4), call.strides(5), call.strides(6)};
-  bool table_dim[kMaxDims], broadcast_dim[kMaxDims];
-  for (int64_t d = 0; d < call.ndim; ++d) {
-    broadcast_dim[d] = strides[5][d] == 0 && strides[6][d] == 0;
-    table_dim[d] = !broadcast_dim[d];
-  }
-  const Rows<7> outer(call.ndim, call.sizes, strides, table_dim);
-  const Rows<7> inner(call.ndim, call.sizes, strides, broadcast_dim);
+  const TableRows<7> split = table_rows<7>(call, 5, 6);  // by the gradient tables, which own the sums
+  const Rows<7>& outer = split.tables;
+  const Rows<7>& inner = split.shared;
   const T* g = call.data<const T>(0);
   const T* x = call.data<const T>(1);
   const C* cos = call.data<const C>(2);
