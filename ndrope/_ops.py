@@ -90,11 +90,6 @@ rotate = torch.ops.ndrope.rotate.default
 rotate_backward = torch.ops.ndrope.rotate_backward.default
 
 
-def _rotate_any(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, inverse: bool) -> Tensor:
-    """Every device: the torch formula."""
-    return _rotate_torch(x, cos, sin, interleaved, inverse)
-
-
 def _rotate_cpu(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, inverse: bool) -> Tensor:
     if not _use_kernel(x):
         return _rotate_torch(x, cos, sin, interleaved, inverse)
@@ -107,7 +102,7 @@ def _rotate_fake(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, inverse
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-_LIBRARY.impl("rotate", _rotate_any, "CompositeExplicitAutograd")
+_LIBRARY.impl("rotate", _rotate_torch, "CompositeExplicitAutograd")  # every device: the torch formula
 _LIBRARY.impl("rotate", _rotate_cpu, "CPU")
 torch.library.register_fake("ndrope::rotate", _rotate_fake, lib=_LIBRARY)
 
