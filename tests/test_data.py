@@ -18,7 +18,8 @@ import torchvision
 from PIL import Image
 
 from training.data import CIFAR10Data, CIFAR100Data, FashionMNISTData, ImageFolderData, split_indices
-from training.datasets import EpochSampler, ImageTensorDataset, Transformed, read_idx
+from training.datasets import EpochSampler, ImageTensorDataset, Transformed
+from training.idx import read_idx
 from training.transforms import eval_transform, train_transform
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -25,7 +25,8 @@ from jsonargparse.typing import Path_fr
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .datasets import EpochSampler, ImageTensorDataset, SubsetImageFolder, Transformed, find_idx, read_idx
+from .datasets import EpochSampler, ImageTensorDataset, SubsetImageFolder, Transformed
+from .idx import find_idx, read_idx
 from .transforms import EVAL_PROTOCOLS, EvalProtocol, TrainCrop, eval_transform, train_transform
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -16,8 +16,6 @@ from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler
 from torchvision.datasets import ImageFolder
 
-from .idx import find_idx, read_idx  # noqa: F401 (the readers this module's loaders use)
-
 
 class ImageTensorDataset(Dataset):
     """Images held in memory as uint8 (N, C, h, w) with int64 labels (N,); item i is (images[i], int label)."""
