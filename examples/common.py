@@ -6,6 +6,7 @@ Shape alphabet: B batch, H heads, N tokens, C width, D = C / H channels per head
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import math
@@ -35,6 +36,13 @@ FASHION_CLASSES: tuple[str, ...] = (
 
 
 # ----------------------------------------------------------------------------- run helpers
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, name: str, *, seeds: Sequence[int] = (0,)) -> None:
+    """The options every example shares: ``--seeds``, ``--threads`` and ``--out`` (``reports/<name>``)."""
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(seeds), help="one training run per seed and encoding")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: see README)")
+    parser.add_argument("--out", default=f"reports/{name}")
 
 
 def setup_torch(threads: int) -> None:

@@ -42,6 +42,7 @@ from .common import (
     FASHION_CLASSES,
     FASHION_MNIST_ROOT,
     Transformer,
+    add_run_arguments,
     command_line,
     load_fashion_mnist,
     rotation,
@@ -163,10 +164,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--positions", nargs="+", default=list(POSITIONS), choices=POSITIONS)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: see README)")
-    parser.add_argument("--out", default="reports/multimodal")
+    add_run_arguments(parser, "multimodal", seeds=(0, 1))
     return parser.parse_args(argv)
 
 

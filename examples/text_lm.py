@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 import ndrope
 
-from .common import Transformer, command_line, rotation, setup_torch, train, write_report
+from .common import Transformer, add_run_arguments, command_line, rotation, setup_torch, train, write_report
 
 Encoding = Literal["nope", "learned", "sinusoidal", "alibi", "rope", "p-rope"]
 #: Every position encoding the example trains, in table order.
@@ -233,10 +233,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one training run per seed and encoding")
     parser.add_argument("--encodings", nargs="+", default=list(ENCODINGS), choices=ENCODINGS)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: see README)")
-    parser.add_argument("--out", default="reports/text_lm")
+    add_run_arguments(parser, "text_lm")
     return parser.parse_args(argv)
 
 

@@ -37,7 +37,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import FASHION_MNIST_ROOT, command_line, load_fashion_mnist, setup_torch, train, write_report
+from .common import (
+    FASHION_MNIST_ROOT,
+    add_run_arguments,
+    command_line,
+    load_fashion_mnist,
+    setup_torch,
+    train,
+    write_report,
+)
 
 PosEmbed = Literal["learned", "rope_axial", "rope_mixed", "none"]
 #: The position encodings the example trains, in table order.
@@ -128,10 +136,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one training run per seed and encoding")
     parser.add_argument("--pos-embeds", nargs="+", default=list(POS_EMBEDS), choices=POS_EMBEDS)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: see README)")
-    parser.add_argument("--out", default="reports/video")
+    add_run_arguments(parser, "video")
     return parser.parse_args(argv)
 
 
