@@ -78,6 +78,13 @@ def expected(x: torch.Tensor, theta: torch.Tensor, layout: str = "half") -> torc
     return rotate_formula(x, theta.cos(), theta.sin(), layout)
 
 
+class ApplyRotary(torch.nn.Module):
+    """`ndrope.apply_rotary` as a module, for export and tracing."""
+
+    def forward(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        return ndrope.apply_rotary(x, theta)
+
+
 def table_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -318,17 +325,13 @@ class TestTransforms:
         torch.testing.assert_close((x1.grad, t1.grad), (x2.grad, t2.grad), atol=1e-5, rtol=1e-5)
 
     def test_export_holds_one_rotate_node(self):
-        class Rotate(torch.nn.Module):
-            def forward(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-                return ndrope.apply_rotary(x, theta)
-
         x, theta = make_x(torch.float32), make_angles("per_head", D // 2)
-        exported = torch.export.export(Rotate(), (x, theta))
+        exported = torch.export.export(ApplyRotary(), (x, theta))
         targets = [str(node.target) for node in exported.graph.nodes if node.op == "call_function"]
         assert targets.count("ndrope.rotate.default") == 1, targets
         other_x, other_theta = make_x(torch.float32, seed=5), make_angles("per_head", D // 2, seed=6)
         out = exported.module()(other_x, other_theta)
-        torch.testing.assert_close(out, Rotate()(other_x, other_theta), atol=0, rtol=0)
+        torch.testing.assert_close(out, ApplyRotary()(other_x, other_theta), atol=0, rtol=0)
         torch.testing.assert_close(out, expected(other_x, other_theta), **TOL[torch.float32])
 
     def test_fake_tensors_give_the_broadcast_shape(self):
@@ -534,13 +537,8 @@ class TestKernelABI:
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace", "ignore::torch.jit.TracerWarning")
 def test_jit_trace_records_the_op_and_saves(tmp_path):
     """A traced module holds the registered op (not a Python call), so torch.jit.save works."""
-
-    class Rotate(torch.nn.Module):
-        def forward(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-            return ndrope.apply_rotary(x, theta)
-
     x, theta = make_x(torch.float32), make_angles("shared", D // 2)
-    traced = torch.jit.trace(Rotate(), (x, theta))
+    traced = torch.jit.trace(ApplyRotary(), (x, theta))
     assert "ndrope::rotate" in str(traced.graph)
     other = make_x(torch.float32, seed=5)
     torch.testing.assert_close(traced(other, theta), expected(other, theta), **TOL[torch.float32])
