@@ -12,7 +12,8 @@ import os
 import platform
 import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

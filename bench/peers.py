@@ -7,8 +7,8 @@ takes angles and computes cos/sin inside its call, so that is part of its time).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor

@@ -7,7 +7,7 @@ from __future__ import annotations
 import ctypes
 import statistics
 import time
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 
 def measure(

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,7 @@ LIMITS = {"rope_axial": 1.05, "rope_mixed": 1.10}  # step-time budget vs "learne
 def unavailable() -> str | None:
     """Why the ViT bench cannot run, or None when the `vit` package is importable."""
     try:
-        import vit
+        import vit  # noqa: F401 (availability check)
     except ImportError as error:
         return f"the vit package is not importable yet ({error})"
     return None
@@ -72,7 +73,7 @@ def run(configs: Sequence[str], repeats: int) -> list[dict[str, Any]]:
             model = vit.create_vit(pos_embed=pos_embed, **model_args).train()
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
-            def step(model=model, optimizer=optimizer) -> torch.Tensor:
+            def step(model=model, optimizer=optimizer, images=images, labels=labels) -> torch.Tensor:
                 optimizer.zero_grad(set_to_none=True)
                 loss = F.cross_entropy(model(images), labels)
                 loss.backward()

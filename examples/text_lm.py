@@ -32,8 +32,9 @@ import argparse
 import math
 import sysconfig
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Literal, Sequence, get_args
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F

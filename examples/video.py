@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Literal, Sequence, get_args
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F

@@ -38,4 +38,4 @@ __all__ = [
     "ntk_scaled_frequencies",
 ]
 
-from . import recipes  # noqa: E402  (named RoPE schemes; imports only torch and the names above)
+from . import recipes  # noqa: E402, F401  (named RoPE schemes; imports only torch and the names above)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence, get_args
+from typing import Any, get_args
 
 import torch
 from torch import Tensor

@@ -12,7 +12,8 @@ Shape alphabet: B batch, H heads, N tokens, D channels per head, A axes, P = rot
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence, Union
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -34,7 +35,7 @@ from ._checks import (
 #: rotates (2j, 2j + 1) (Meta's complex form). They agree up to a fixed permutation of the channels.
 Layout = Literal["half", "interleaved"]
 #: What `apply_rotary` rotates by: angles (..., N, P), or their precomputed (cos, sin) pair.
-Rotation = Union[Tensor, tuple[Tensor, Tensor]]
+Rotation = Tensor | tuple[Tensor, Tensor]
 
 
 def _split_pairs(pairs: int, n_axes: int, axis_dims: Sequence[int] | None) -> tuple[int, ...]:

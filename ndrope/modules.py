@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -17,7 +18,7 @@ from .positions import grid
 ResolutionMode = Literal["extrapolate", "interpolate", "ntk"]
 RESOLUTION_MODES: tuple[str, ...] = choices(ResolutionMode)
 #: Positions as a tensor (..., N, A), or the shape of a row-major grid.
-Positions = Union[Tensor, Sequence[int]]
+Positions = Tensor | Sequence[int]
 
 
 class RotaryEmbedding(nn.Module):
@@ -74,7 +75,7 @@ class RotaryEmbedding(nn.Module):
         learnable: bool = False,
         layout: rope_f.Layout = "half",
         reference_shape: Sequence[int] | None = None,
-    ) -> "RotaryEmbedding":
+    ) -> RotaryEmbedding:
         """RoPE with any frequency matrix F (A, P) or (H, A, P) (for example a `ndrope.recipes` one).
 
         ``learnable=True`` makes F a parameter (kept in float32 at least); fixed F is a buffer that is
@@ -103,7 +104,7 @@ class RotaryEmbedding(nn.Module):
         reference_shape: Sequence[int] | None = None,
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
-    ) -> "RotaryEmbedding":
+    ) -> RotaryEmbedding:
         """RoPE-Mixed (Heo et al. 2024): per-head frequencies (H, A, D // 2) from `ndrope.mixed_frequencies`,
         learned by default (theta 10, as in the paper)."""
         freqs = rope_f.mixed_frequencies(
@@ -147,7 +148,7 @@ class RotaryEmbedding(nn.Module):
             f"reference_shape={self.reference_shape}"
         )
 
-    def _apply(self, fn: Any, recurse: bool = True) -> "RotaryEmbedding":
+    def _apply(self, fn: Any, recurse: bool = True) -> RotaryEmbedding:
         # .to(dtype)/.half()/.bfloat16() cast every floating tensor: keep the frequencies' precision
         # (and rebuild the table) while following device moves.
         exact = self.freqs.detach().clone()

@@ -6,7 +6,7 @@ Every function returns positions of shape (N, A): one row per token, one coordin
 from __future__ import annotations
 
 import math
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -14,7 +14,7 @@ from torch import Tensor
 from ._checks import check_finite, check_int, check_number, check_real, check_shape, check_tensor
 
 #: A multimodal segment: an int is a run of that many text tokens, a tuple is a grid shape.
-Segment = Union[int, Sequence[int]]
+Segment = int | Sequence[int]
 
 
 def grid(

@@ -6,7 +6,7 @@ count behind "bad inputs: X clear of Y tried" (run `python -m pytest tests/test_
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch

@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
+from rope_reference import rotate_formula, rotate_with_matrices
 from torch.testing import assert_close
 
 import ndrope
-from rope_reference import rotate_formula, rotate_with_matrices
 
 param = pytest.mark.parametrize
 
@@ -197,7 +197,9 @@ class TestAugmentationLaw:
         s = self.SETTINGS
 
         def centred(p: torch.Tensor) -> torch.Tensor:
-            u = lambda n, bound: (torch.rand(n, generator=g, dtype=torch.float64) * 2 - 1) * bound
+            def u(n, bound):
+                return (torch.rand(n, generator=g, dtype=torch.float64) * 2 - 1) * bound
+
             shift, jitter, rescale = u(2, s["shift"]), u(2, math.log(s["jitter"])).exp(), u(1, math.log(s["rescale"])).exp()
             centre = p.mean(0)
             return (p - centre) * jitter * rescale + centre + shift

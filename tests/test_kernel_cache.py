@@ -20,10 +20,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from rope_reference import rotate_formula
 
 import ndrope
 from ndrope import _kernel
-from rope_reference import rotate_formula
 
 pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None, reason="no C++ compiler")
 

@@ -12,10 +12,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from rope_reference import rotate_formula
 
 import ndrope
 from ndrope import _kernel, _ops
-from rope_reference import rotate_formula
 
 param = pytest.mark.parametrize
 
@@ -494,7 +494,7 @@ class TestKernelABI:
         monkeypatch.setattr(_kernel, "_TEMPLATES", {})
         monkeypatch.setattr(_kernel, "_MAX_TEMPLATES", 2)
         shapes = [(2, 3, 5, 8), (3, 5, 8), (4, 1, 5, 8), (2, 3, 5, 8)]  # the last one repeats the first
-        for rep in range(2):
+        for _ in range(2):
             for shape in shapes:
                 x = torch.randn(shape)
                 theta = torch.randn(5, 3)

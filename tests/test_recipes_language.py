@@ -13,10 +13,10 @@ import math
 
 import pytest
 import torch
+from recipe_parity import F32_FREQ_RTOL, F64_TOL, assert_no_worse_than_peer, max_abs, max_rel, report
 
 import ndrope
 from ndrope import recipes
-from recipe_parity import F32_FREQ_RTOL, F64_TOL, assert_no_worse_than_peer, max_abs, max_rel, report
 
 # 5.18: the first release whose rope API these tests call, with Qwen2.5-VL time steps not truncated to int (5.17)
 transformers = pytest.importorskip("transformers", minversion="5.18")

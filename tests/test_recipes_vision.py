@@ -12,10 +12,10 @@ import inspect
 
 import pytest
 import torch
+from recipe_parity import F32_FREQ_RTOL, F64_TOL, assert_no_worse_than_peer, max_abs, max_rel, report
 
 import ndrope
 from ndrope import recipes
-from recipe_parity import F32_FREQ_RTOL, F64_TOL, assert_no_worse_than_peer, max_abs, max_rel, report
 
 timm_sincos = pytest.importorskip("timm.layers.pos_embed_sincos")
 ret = pytest.importorskip("rotary_embedding_torch")

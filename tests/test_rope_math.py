@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from rope_reference import even_split, llama_rope, meta_complex_rope, pair_index, rotate_with_matrices
 
 import ndrope
-from rope_reference import even_split, llama_rope, meta_complex_rope, pair_index, rotate_with_matrices
 
 NDIMS = [1, 2, 3, 4]
 LAYOUTS = ["half", "interleaved"]

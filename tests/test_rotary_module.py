@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from rope_reference import rotate_with_matrices
 
 import ndrope
-from rope_reference import rotate_with_matrices
 
 KINDS = ["axial", "mixed"]
 

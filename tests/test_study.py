@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_data import CONFIGS, accept_fake_cifar, smoke_args
 
 import training.report
 import training.study
-from test_data import CONFIGS, accept_fake_cifar, smoke_args
 from training.cli import cli_main
 from training.report import atomic_write, summarize
 from training.study import run_study

@@ -18,9 +18,9 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
+from test_data import CONFIGS, QUIET, TINY_NET, accept_fake_cifar, smoke_args
 
 import training.report
-from test_data import CONFIGS, QUIET, TINY_NET, accept_fake_cifar, smoke_args
 from training.cli import auto_precision, cli_main
 from training.data import FashionMNISTData
 from training.transforms import eval_transform

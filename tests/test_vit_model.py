@@ -7,12 +7,12 @@ import math
 import pytest
 import timm
 import torch
+from rope_reference import even_split
 from torch import nn
 from torch.testing import assert_close
 
 import ndrope
 import vit
-from rope_reference import even_split
 from vit import POS_EMBED_CHOICES, create_vit
 
 param = pytest.mark.parametrize

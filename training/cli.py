@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import yaml
@@ -171,7 +171,7 @@ class ViTCLI(LightningCLI):
                 + "\nUse the run's own config.yaml (`--config <run>/config.yaml`) or the matching checkpoint."
             )
 
-    def _resolve_ckpt_path(self, section: Any, ckpt_path: str) -> Optional[Path]:
+    def _resolve_ckpt_path(self, section: Any, ckpt_path: str) -> Path | None:
         if ckpt_path == "last":
             path = Path(checkpoint_dir(section["trainer"]["default_root_dir"])) / "last.ckpt"
             return path if path.exists() else None  # Lightning starts from scratch (with a warning) if missing

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import abc
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 import torchvision
@@ -81,15 +81,15 @@ class ImageDataModule(LightningDataModule, abc.ABC):
         root: str,
         img_size: int,
         batch_size: int = 128,
-        eval_batch_size: Optional[int] = None,
+        eval_batch_size: int | None = None,
         num_workers: int = 4,
         crop: TrainCrop = "random_resized_crop",
         min_scale: float = 0.08,
         padding: int = 4,
         hflip: bool = True,
-        randaugment_magnitude: Optional[int] = None,
-        eval_resolutions: Optional[list[int]] = None,
-        eval_protocols: Optional[list[EvalProtocol]] = None,
+        randaugment_magnitude: int | None = None,
+        eval_resolutions: list[int] | None = None,
+        eval_protocols: list[EvalProtocol] | None = None,
         eval_crop_pct: float = 1.0,
         val_fraction: float = 0.1,
         split_seed: int = 0,
@@ -120,9 +120,9 @@ class ImageDataModule(LightningDataModule, abc.ABC):
         )
         self.eval_resolutions = list(eval_resolutions or [img_size])
         self.eval_crop_pct = eval_crop_pct
-        self.train_set: Optional[Dataset] = None
-        self.val_set: Optional[Dataset] = None
-        self.test_set: Optional[Dataset] = None
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
         self.start_epoch = 0
 
     @abc.abstractmethod
@@ -191,7 +191,7 @@ class ImageDataModule(LightningDataModule, abc.ABC):
         )
 
 
-def check_protocols(protocols: Optional[Sequence[str]]) -> list[EvalProtocol]:
+def check_protocols(protocols: Sequence[str] | None) -> list[EvalProtocol]:
     """``protocols`` as a list (default ``["zoom"]``); ValueError for an empty, repeated or unknown entry."""
     if protocols is None:
         return ["zoom"]
@@ -312,7 +312,7 @@ class ImageFolderData(ImageDataModule):
         img_size: int = 224,
         train_dir: str = "train",
         val_dir: str = "val",
-        class_list: Optional[Path_fr] = None,
+        class_list: Path_fr | None = None,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
         eval_crop_pct: float = 0.875,

@@ -9,7 +9,8 @@ The loaders return raw samples (a uint8 image tensor (C, h, w) or a PIL image, a
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor

@@ -5,11 +5,10 @@ from __future__ import annotations
 import math
 import os
 import random
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
-import vit
 from lightning.pytorch import LightningModule
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.utilities import rank_zero_only
@@ -18,8 +17,10 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
-from ndrope.modules import ResolutionMode
 from torchmetrics.classification import MulticlassAccuracy
+
+import vit
+from ndrope.modules import ResolutionMode
 
 from .data import check_protocols
 from .report import format_eval_table, write_eval_report
@@ -93,9 +94,9 @@ class ImageClassifier(LightningModule):
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
         compile: bool = False,
-        eval_resolutions: Optional[list[int]] = None,
-        eval_protocols: Optional[list[EvalProtocol]] = None,
-        resolution_mode: Optional[ResolutionMode] = None,
+        eval_resolutions: list[int] | None = None,
+        eval_protocols: list[EvalProtocol] | None = None,
+        resolution_mode: ResolutionMode | None = None,
     ) -> None:
         super().__init__()
         # Evaluation and runtime switches stay out of the checkpoint, so a checkpoint's hyperparameters

@@ -18,8 +18,9 @@ import shutil
 import statistics
 import tempfile
 import uuid
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any
 
 METRIC_TITLES = {"top1": "top-1", "top5": "top-5"}
 PROTOCOL_TEXT = {
@@ -266,7 +267,7 @@ def _pct(mean: float, std: float, signed: bool = False) -> str:
 
 
 def study_markdown(summary: list[dict[str, Any]], runs: list[dict[str, Any]], settings: dict[str, Any],
-                   differences: Optional[list[dict[str, Any]]] = None) -> str:
+                   differences: list[dict[str, Any]] | None = None) -> str:
     """The study's tables: accuracy (%) mean ± std per row (variant, mode) x resolution, one table per
     protocol (and metric), the paired differences against the baseline, the best resolution mode per
     protocol, and the runs' sizes and times."""

@@ -29,14 +29,15 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
-import vit
 from jsonargparse import ArgumentParser
 from jsonargparse.typing import Path_fr
 
+import vit
 from ndrope.modules import ResolutionMode
 
 from .checkpoint import RunFolderLock
@@ -55,7 +56,7 @@ def check_study_args(
     variants: Sequence[str],
     seeds: Sequence[int],
     eval_resolutions: Sequence[int],
-    variant_net_args: Optional[dict[str, dict[str, Any]]] = None,
+    variant_net_args: dict[str, dict[str, Any]] | None = None,
     fit_args: Sequence[str] = (),
     test_args: Sequence[str] = (),
 ) -> None:
@@ -87,7 +88,7 @@ def check_study_args(
             )
 
 
-def net_args(variant: str, variant_net_args: Optional[dict[str, dict[str, Any]]]) -> dict[str, Any]:
+def net_args(variant: str, variant_net_args: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
     """The net arguments a variant sets: ``variant_net_args[variant]``, or ``{"pos_embed": variant}``."""
     return dict((variant_net_args or {}).get(variant) or {"pos_embed": variant})
 
@@ -98,7 +99,7 @@ def fit_command(
     seed: int,
     run_dir: Path,
     fit_args: Sequence[str],
-    variant_net_args: Optional[dict[str, dict[str, Any]]] = None,
+    variant_net_args: dict[str, dict[str, Any]] | None = None,
 ) -> list[str]:
     """The ``train.py fit`` arguments of one run (without the interpreter and script)."""
     configs = [arg for path in fit_config for arg in ("--config", path)]
@@ -113,7 +114,7 @@ def fit_command(
 
 
 def test_command(
-    run_dir: Path, eval_resolutions: Sequence[int], eval_protocols: Sequence[str], mode: Optional[str]
+    run_dir: Path, eval_resolutions: Sequence[int], eval_protocols: Sequence[str], mode: str | None
 ) -> list[str]:
     """The ``train.py test`` arguments that evaluate a finished run's last.ckpt at every protocol x resolution.
 
@@ -128,7 +129,7 @@ def test_command(
     return args + (["--model.resolution_mode", mode] if mode else [])
 
 
-def modes_for(pos_embed: str, resolution_modes: Optional[Sequence[str]]) -> list[Optional[str]]:
+def modes_for(pos_embed: str, resolution_modes: Sequence[str] | None) -> list[str | None]:
     """The resolution modes a variant is tested with: only RoPE has a choice of coordinates at other grids."""
     return list(resolution_modes) if resolution_modes and "rope" in pos_embed else [None]
 
@@ -147,7 +148,7 @@ def _die_with_parent(parent: int) -> Callable[[], None]:
     return set_signal
 
 
-def _run(args: list[str], what: str, threads: Optional[int] = None) -> float:
+def _run(args: list[str], what: str, threads: int | None = None) -> float:
     """Run ``train.py args`` in a subprocess with the output passed through; returns its wall time in seconds.
 
     ``threads``: the subprocess's CPU threads (``OMP_NUM_THREADS``) unless the environment sets them.
@@ -176,17 +177,17 @@ def run_study(
     fit_config: list[Path_fr],
     variants: list[str],
     eval_resolutions: list[int],
-    seeds: list[int] = [0, 1, 2],
-    resolution_modes: Optional[list[ResolutionMode]] = None,
-    eval_protocols: list[EvalProtocol] = ["zoom", "canvas"],
-    variant_net_args: Optional[dict[str, dict[str, Any]]] = None,
-    baseline: Optional[str] = "learned",
+    seeds: list[int] = [0, 1, 2],  # noqa: B006 (jsonargparse reads list defaults; never mutated)
+    resolution_modes: list[ResolutionMode] | None = None,
+    eval_protocols: list[EvalProtocol] = ["zoom", "canvas"],  # noqa: B006
+    variant_net_args: dict[str, dict[str, Any]] | None = None,
+    baseline: str | None = "learned",
     output_dir: str = "reports/study",
     jobs: int = 1,
-    test_args: list[str] = [],
-    fit_args: list[str] = [],
+    test_args: list[str] = [],  # noqa: B006
+    fit_args: list[str] = [],  # noqa: B006
     dry_run: bool = False,
-) -> Optional[dict[str, Path]]:
+) -> dict[str, Path] | None:
     """Train and test every variant x seed, then write the study report; returns the report files.
 
     Args:
@@ -289,7 +290,7 @@ def run_study(
 
 
 def _preflight(configs: list[str], variants: Sequence[str], seeds: Sequence[int], eval_resolutions: Sequence[int],
-               eval_protocols: Sequence[str], variant_net_args: Optional[dict[str, dict[str, Any]]],
+               eval_protocols: Sequence[str], variant_net_args: dict[str, dict[str, Any]] | None,
                fit_args: Sequence[str], output: Path) -> None:
     """Build each variant's model and data once in-process, so a bad option fails now, not after hours."""
     from .cli import cli_main
@@ -311,11 +312,11 @@ def _train_and_test(
     seed: int,
     run_dir: Path,
     fit: list[str],
-    modes: list[Optional[str]],
+    modes: list[str | None],
     eval_resolutions: Sequence[int],
     eval_protocols: Sequence[str],
     test_args: Sequence[str] = (),
-    threads: Optional[int] = None,
+    threads: int | None = None,
 ) -> tuple[list[dict[str, Any]], float]:
     """One run: fit (resuming from last.ckpt if a previous attempt stopped), then one test per mode.
 
@@ -373,7 +374,7 @@ def _train_and_test(
     return records, spent
 
 
-def _tested(eval_path: Path, checkpoint: Path, mode: Optional[str], eval_resolutions: Sequence[int],
+def _tested(eval_path: Path, checkpoint: Path, mode: str | None, eval_resolutions: Sequence[int],
             eval_protocols: Sequence[str]) -> bool:
     """Whether eval_path holds the test of this checkpoint, in this mode, at exactly these protocols x resolutions."""
     if not eval_path.exists():
@@ -396,7 +397,7 @@ def add_study_arguments(parser: ArgumentParser) -> list[str]:
     return [*added, "fit_args"]
 
 
-def study_main(argv: Optional[list[str]] = None) -> None:
+def study_main(argv: list[str] | None = None) -> None:
     """``train.py study`` from Python: the same as ``cli_main(["study", *argv])``."""
     from .cli import cli_main
 

@@ -10,8 +10,6 @@ Shape alphabet: B batch, H heads, N tokens (prefix + patches), D channels per he
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import Block

@@ -15,7 +15,8 @@ k prefix tokens (class + registers); spatial sizes are ``img_size`` / ``grid_sha
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, NamedTuple
 
 import torch
 from timm.layers import Mlp, PatchDropout, PatchDropoutWithIndices, PatchEmbed
@@ -25,11 +26,11 @@ from timm.models._manipulate import checkpoint
 from torch import Tensor, nn
 
 import ndrope
-from ndrope.recipes import Coordinates, RopeRecipe
 from ndrope._checks import check_choice, check_int, check_number, choices
 from ndrope.functional import Rotation
 from ndrope.modules import ResolutionMode
 from ndrope.positions import check_augmentation
+from ndrope.recipes import Coordinates, RopeRecipe
 
 from .attention import ROPE_LAYOUT, RopeAttention, RopeBlock
 from .patch_embed import PatchEmbedND

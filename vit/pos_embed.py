@@ -17,7 +17,8 @@ Shape alphabet: H heads, N tokens, C embedding channels, A axes; grids as ``grid
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F

@@ -14,7 +14,7 @@ Multimodal (`multimodal`): `mrope`, `qwen_vl_positions`, `qwen_vl_decode_positio
 Vision (`vision`): `timm_axial`, `rope_axial`, `rope_mixed`, `rope_mixed_init`, `dinov3`, `rotary_embedding_torch`.
 """
 
-from ._base import GridKind, Indexing, Normalize, Coordinates, RopeRecipe
+from ._base import Coordinates, GridKind, Indexing, Normalize, RopeRecipe
 from .language import dynamic_ntk, linear, llama3, longrope, p_rope, standard, yarn
 from .multimodal import (
     QwenVersion,

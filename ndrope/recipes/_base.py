@@ -6,16 +6,17 @@ Shape alphabet: B batch, H heads, N tokens, D channels per head, A axes, P rotat
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from .. import Layout, augment_positions
 from .. import angles as _angles
-from ..functional import _block_frequencies as block_axial  # one block layout for ndrope and its recipes
 from .._checks import check_choice, check_shape, check_tensor
+from ..functional import _block_frequencies as block_axial  # noqa: F401 (one block layout for ndrope and its recipes)
 
 #: How a grid turns into coordinates: integer indices, ``linspace(-1, 1)`` per axis (timm / rotary-embedding-torch
 #: "pixel"), or patch centres normalised to [-1, 1] (DINOv3).

@@ -10,7 +10,7 @@ The result's ``freqs`` is (1, P); positions are token indices (N, 1) (``recipe.p
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

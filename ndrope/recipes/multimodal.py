@@ -9,7 +9,8 @@ three coordinates are equal, so text is exactly 1D RoPE.
 from __future__ import annotations
 
 import itertools
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
