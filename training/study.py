@@ -14,8 +14,8 @@ each run is the public train.py CLI in a subprocess (so DDP runs as it does for 
 Before any run, each variant's model and data are built once in this process with train.py's CLI
 (`training.cli.cli_main` with ``run=False``), so a bad option fails in seconds, not after hours.
 Every run is tested with its final weights (the EMA weights when EMA is on): checkpoint selection never
-sees the test split. RoPE variants are tested once per entry of ``resolution_modes``; every test covers
-each protocol x resolution. A rerun of the same command skips finished steps and resumes unfinished fits
+sees the test split. RoPE variants without a ``rope_recipe`` are tested once per entry of ``resolution_modes``;
+every test covers each protocol x resolution. A rerun of the same command skips finished steps and resumes unfinished fits
 from last.ckpt; the arguments of each fit are recorded in ``run.json`` before it starts, and a run folder
 whose recorded arguments differ is refused. The study folder is locked while a study runs in it, and a
 run's subprocess dies with the study (Linux parent-death signal). The report goes to
@@ -205,7 +205,8 @@ def run_study(
         eval_resolutions: test resolutions (multiples of the patch size).
         seeds: one run per variant and seed; the report gives mean ± sample std over seeds.
         resolution_modes: test RoPE variants once per `vit.set_resolution_mode` mode (rows
-            "rope_axial (interpolate)", ...); None tests once with the model's default.
+            "rope_axial (interpolate)", ...), except those with a ``rope_recipe`` (`modes_for`); None tests
+            once with the model's default.
         eval_protocols: how test images reach each resolution ("zoom": resized; "canvas": unscaled on a
             blank canvas), see `training.transforms.EvalProtocol`.
         variant_net_args: variants that are more than a pos_embed: name -> net arguments (``pos_embed``
