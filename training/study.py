@@ -12,13 +12,13 @@ each run is the public train.py CLI in a subprocess (so DDP runs as it does for 
                   [--model.resolution_mode <mode>]
 
 Before any run, each variant's model and data are built once in this process with train.py's CLI
-(`training.cli.cli_main` with ``run=False``), so a bad option fails in seconds, not after hours.
-Every run is tested with its final weights (the EMA weights when EMA is on): checkpoint selection never
-sees the test split. RoPE variants without a ``rope_recipe`` are tested once per entry of ``resolution_modes``;
-every test covers each protocol x resolution. A rerun of the same command skips finished steps and resumes unfinished fits
-from last.ckpt; the arguments of each fit are recorded in ``run.json`` before it starts, and a run folder
-whose recorded arguments differ is refused. The study folder is locked while a study runs in it, and a
-run's subprocess dies with the study (Linux parent-death signal). The report goes to
+(`training.cli.cli_main` with ``run=False``), so a bad option fails in seconds, not after hours. Every run
+is tested with its final weights (the EMA weights when EMA is on): checkpoint selection never sees the test
+split. RoPE variants without a ``rope_recipe`` are tested once per entry of ``resolution_modes``; every test
+covers each protocol x resolution. A rerun of the same command skips finished steps and resumes unfinished
+fits from last.ckpt; the arguments of each fit are recorded in ``run.json`` before it starts, and a run
+folder whose recorded arguments differ is refused. The study folder is locked while a study runs in it, and
+a run's subprocess dies with the study (Linux parent-death signal). The report goes to
 ``<output_dir>/results.json``, ``results.md`` and ``accuracy_vs_resolution.png`` (`training.report`).
 """
 
