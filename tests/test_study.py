@@ -1,4 +1,5 @@
-"""training.study / training.report: the position-encoding study end to end, its report, and its failure modes."""
+"""training.study / training.report: the study command (`python -m training.study`) end to end, its report, and
+its failure modes."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import training.report
 import training.study
 from training.cli import cli_main
 from training.report import atomic_write, summarize
-from training.study import run_study
+from training.study import modes_for, run_study
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 
@@ -272,8 +273,31 @@ class TestStudyRejectsBadInput:
 
     def test_fit_args_after_double_dash_on_the_command_line(self, data: Path, tmp_path: Path) -> None:
         with pytest.raises(ValueError, match=r"fit_args sets --trainer.default_root_dir"):
-            cli_main(["study", f"--fit_config=[{FASHION}]", "--variants=[learned]", "--eval_resolutions=[28]",
-                      "--dry_run=true", f"--output_dir={tmp_path}", "--", "--trainer.default_root_dir", "X"])
+            training.study.main([f"--fit_config=[{FASHION}]", "--variants=[learned]", "--eval_resolutions=[28]",
+                                 "--dry_run=true", f"--output_dir={tmp_path}", "--", "--trainer.default_root_dir", "X"])
+
+
+def test_resolution_modes_only_for_rope_without_a_recipe() -> None:
+    """Only RoPE positions change with the resolution mode, and a rope_recipe fixes its own: tested once."""
+    modes = ["extrapolate", "interpolate"]
+    assert modes_for({"pos_embed": "rope_axial"}, modes) == modes
+    assert modes_for({"pos_embed": "rope_mixed+learned", "rope_jitter": 1.2}, modes) == modes
+    assert modes_for({"pos_embed": "learned"}, modes) == [None]
+    assert modes_for({"pos_embed": "rope_axial", "rope_recipe": "dinov3"}, modes) == [None]
+    assert modes_for({"pos_embed": "rope_axial"}, None) == [None]
+
+
+def test_study_command_line(tmp_path: Path) -> None:
+    """`python -m training.study --help` lists run_study's arguments; train.py's CLI never imports the study."""
+    result = subprocess.run([sys.executable, "-m", "training.study", "--help"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for option in ("--config", "--fit_config", "--variants", "--seeds", "--jobs", "--dry_run", "fit_args"):
+        assert option in result.stdout
+    code = "import sys, training.cli; print(sorted(m for m in sys.modules if m.startswith('training.')))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "training.study" not in result.stdout and "training.cli" in result.stdout
 
 
 STUDY_CONFIGS = sorted(p.name for p in CONFIGS.glob("study_*.yaml"))
@@ -290,8 +314,8 @@ def test_study_configs_exist() -> None:
 @pytest.mark.parametrize("config", STUDY_CONFIGS)
 def test_every_study_config_checks_out(data: Path, tmp_path: Path, config: str, monkeypatch: pytest.MonkeyPatch,
                                        capsys: pytest.CaptureFixture) -> None:
-    """`train.py study --config <base> --config <study> --dry_run true -- <fake data>` builds every variant (its
-    net arguments included) and prints its commands, one fit per variant x seed."""
+    """`python -m training.study --config <base> --config <study> --dry_run true -- <fake data>` builds every
+    variant (its net arguments included) and prints its commands, one fit per variant x seed."""
     accept_fake_cifar(monkeypatch, data / "cifar")
     runner = InProcessRunner()
     monkeypatch.setattr(training.study, "_run", runner)
@@ -301,8 +325,8 @@ def test_every_study_config_checks_out(data: Path, tmp_path: Path, config: str, 
     for path in stack:
         study.update(yaml.safe_load(path.read_text()))
     fit_config = CONFIGS / study["fit_config"][0]
-    cli_main(["study", *[a for path in stack for a in ("--config", str(path))], "--dry_run=true",
-              f"--output_dir={tmp_path}", "--", *smoke_args(fit_config, data)])
+    training.study.main([*[a for path in stack for a in ("--config", str(path))], "--dry_run=true",
+                         f"--output_dir={tmp_path}", "--", *smoke_args(fit_config, data)])
     printed = capsys.readouterr().out.replace("'", "")
     for variant in study["variants"]:
         pos_embed = (study.get("variant_net_args") or {}).get(variant, {}).get("pos_embed", variant)
@@ -412,12 +436,12 @@ def test_summary_mean_and_sample_std() -> None:
 
 @pytest.mark.slow
 def test_study_command_in_subprocesses(data: Path, tmp_path: Path) -> None:
-    """The real command: `python train.py study --config ... -- <budget>` with one subprocess per fit and test."""
+    """The real command: `python -m training.study --config ... -- <budget>` with one subprocess per fit and test."""
     study = tmp_path / "study.yaml"
     study.write_text(f"fit_config: [{FASHION}]\nvariants: [learned, rope_mixed]\nseeds: [0]\n"
                      f"eval_resolutions: [24, 28]\neval_protocols: [zoom]\noutput_dir: {tmp_path / 'report'}\n")
-    result = subprocess.run([sys.executable, str(REPO / "train.py"), "study", "--config", str(study), "--",
-                             *budget(data)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-m", "training.study", "--config", str(study), "--", *budget(data)],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "report" / "results.json").read_text())
     assert [(r["variant"], [x["resolution"] for x in r["results"]]) for r in results["runs"]] == [

@@ -21,8 +21,11 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from test_data import CONFIGS, QUIET, TINY_NET, accept_fake_cifar, smoke_args
 
 import training.report
+import vit
+from training.checkpoint import RunFolderLock
 from training.cli import auto_precision, cli_main
 from training.data import FashionMNISTData
+from training.module import ImageClassifier
 from training.transforms import eval_transform
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
@@ -161,6 +164,24 @@ def test_top5_with_more_than_ten_classes(data: Path, tmp_path: Path) -> None:
     assert all(0 <= r["top1"] <= r["top5"] <= 1 for r in results)
 
 
+def test_net_is_a_hyperparameter_only_as_a_config(data: Path, tmp_path: Path, recwarn: pytest.WarningsRecorder) -> None:
+    """From the CLI, checkpoints record the net's class_path/init_args (the architecture the checkpoint check
+    compares); a net built in Python is no hyperparameter (its weights are in the state dict), without a warning."""
+    net = vit.create_vit("learned", img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=32, depth=1,
+                         num_heads=2)
+    model = ImageClassifier(net, lr=3e-3, eval_resolutions=[28, 36])
+    assert dict(model.hparams) == {"lr": 3e-3, "weight_decay": 0.05, "warmup_epochs": 5.0, "min_lr_ratio": 0.01,
+                                   "label_smoothing": 0.1, "mixup_alpha": 0.0, "cutmix_alpha": 0.0}
+    assert dict(model.hparams_initial) == dict(model.hparams)
+    assert not [w for w in recwarn if "nn.Module" in str(w.message)]
+
+    cli = cli_main(fashion_args(data, tmp_path, "--trainer.max_epochs=1"), run=False)
+    saved = cli.model.hparams
+    assert saved["net"]["class_path"] == "vit.NDRopeVisionTransformer"
+    assert saved["net"]["init_args"]["pos_embed"] == "rope_axial" and saved["net"]["init_args"]["embed_dim"] == 32
+    assert not {"eval_resolutions", "eval_protocols", "resolution_mode", "compile"} & set(saved)
+
+
 def test_precision_is_auto() -> None:
     """Unset precision means bf16-mixed on a CUDA GPU, 32-true on CPU."""
     expected = "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
@@ -256,6 +277,8 @@ def test_failed_checkpoint_write_keeps_previous(data: Path, tmp_path: Path, monk
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt"]
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert (ckpt["epoch"], ckpt["global_step"]) == (0, 3)
+    with RunFolderLock(tmp_path):  # the failed fit released its run folder
+        pass
 
 
 class FillDiskBeforeSecondEpoch(Callback):
@@ -364,8 +387,6 @@ class TestCheckpointArguments:
 
 def test_run_folder_is_locked_while_in_use(data: Path, tmp_path: Path) -> None:
     """A second process in a busy run folder gets a clear error instead of writing next to the first."""
-    from training.checkpoint import RunFolderLock
-
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]);"
                                "from training.checkpoint import RunFolderLock; l = RunFolderLock(sys.argv[2]);"
                                "print('locked', flush=True); time.sleep(60)", str(REPO), str(tmp_path)],

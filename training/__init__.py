@@ -1,7 +1,7 @@
 """Training, multi-resolution evaluation and the position-encoding study for `vit` models (Lightning).
 
-`train.py` is the command line: one `training.cli.ViTCLI` with ``fit`` / ``validate`` / ``test`` /
-``predict`` and ``study`` (`training.study.run_study`).
+Two commands: `train.py` (`training.cli.ViTCLI`, a LightningCLI with ``fit`` / ``validate`` / ``test`` /
+``predict``) and ``python -m training.study`` (`training.study.run_study`, which runs train.py per run).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`ViTCLI`: one LightningCLI for ``fit`` / ``validate`` / ``test`` / ``predict`` and the ``study``.
+"""`ViTCLI`: the LightningCLI of train.py, with ``fit`` / ``validate`` / ``test`` / ``predict``.
 
 A run folder (``--trainer.default_root_dir``, default runs/default) holds::
 
@@ -11,10 +11,12 @@ A run folder (``--trainer.default_root_dir``, default runs/default) holds::
     test/eval.json, test/eval.csv  accuracy per (protocol, resolution) (+ test/metrics.csv);
                                    test-<mode>/ when --model.resolution_mode is given
 
-Safety rules enforced here (a clear error instead of a silent wrong result): ``test`` / ``validate``
-need ``--ckpt_path``; a checkpoint is read safely and must have been trained with the same model and
-data arguments as the config (``fit --ckpt_path`` resumes only the run it belongs to); checkpoints are
-written atomically (`training.checkpoint.AtomicCheckpointIO`); a run folder is locked while in use.
+Safety rules enforced here (a clear error instead of a silent wrong result): ``test`` / ``validate`` /
+``predict`` need ``--ckpt_path``; a checkpoint is read safely and must have been trained with the same
+model and data arguments as the config (``fit --ckpt_path`` resumes only the run it belongs to); checkpoints
+are written atomically (`training.checkpoint.AtomicCheckpointIO`); a run folder is locked while in use.
+Everything here goes through LightningCLI's public methods; the study (`training.study`) runs this CLI
+in subprocesses and is not part of it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from typing import Any
 
 import torch
 import yaml
-from lightning.pytorch import Trainer
+from jsonargparse import Namespace
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -33,8 +36,6 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from .checkpoint import AtomicCheckpointIO, RunFolderLock, read_checkpoint
 from .data import ImageDataModule
 from .module import ImageClassifier
-
-STUDY = "study"
 
 
 class SaveFitConfig(SaveConfigCallback):
@@ -79,15 +80,26 @@ def _differences(saved: Any, current: Any, prefix: str, free: set[str] = frozens
     return [] if saved == current else [f"{prefix}: checkpoint {saved!r}, config {current!r}"]
 
 
+class ReleaseWhenDone(Callback):
+    """Releases a `RunFolderLock` when the trainer's fit / test / ... ends, normally or by an exception."""
+
+    def __init__(self, lock: RunFolderLock) -> None:
+        self.lock = lock
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.lock.release()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self.lock.release()
+
+
 class ViTCLI(LightningCLI):
-    """LightningCLI for `ImageClassifier` + any `ImageDataModule` subclass, plus the ``study`` subcommand.
+    """LightningCLI for `ImageClassifier` + any `ImageDataModule` subclass.
 
     Links: the data's ``img_size``, ``num_classes`` and ``in_chans`` configure ``model.net``;
     ``model.eval_resolutions`` / ``model.eval_protocols`` also set the data's test loaders;
     checkpoints go to ``<default_root_dir>/checkpoints``. ``trainer.precision`` left unset means
     `auto_precision`; ``trainer.logger`` left unset means the run folder layout above.
-    ``study`` takes the arguments of `training.study.run_study` (``--config study_*.yaml``), and fit
-    options for every run after ``--``.
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -113,77 +125,15 @@ class ViTCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.net.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.in_chans", "model.net.init_args.in_chans", apply_on="instantiate")
 
-    # ------------------------------------------------------------------ the study subcommand
-
-    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
-        super()._add_subcommands(parser, **kwargs)
-        from .study import add_study_arguments
-
-        study_parser = self.init_parser(**kwargs.get(STUDY, {}))
-        # init_parser gives it --config (a study config, configs/study_*.yaml)
-        self._subcommand_method_arguments[STUDY] = add_study_arguments(study_parser)
-        self._subcommand_parsers[STUDY] = study_parser
-        parser._subcommands_action.add_subcommand(
-            STUDY, study_parser, help="Train every variant x seed, test everywhere, write the study report."
-        )
-
-    def _set_seed(self) -> None:
-        if self.config.get("subcommand") != STUDY:  # each run of the study seeds itself
-            super()._set_seed()
-
-    def _parse_ckpt_path(self) -> None:
-        # Replaces Lightning's, which loads the checkpoint's hyperparameters over the config and so silently
-        # rebuilds whatever architecture the checkpoint holds. Here the config decides, and a checkpoint that
-        # was trained with other model/data arguments is refused.
-        subcommand = self.config.get("subcommand")
-        if subcommand in (None, STUDY):
-            return
-        section = self.config[subcommand]
-        ckpt_path = section.get("ckpt_path")
-        if ckpt_path is None:
-            if subcommand == "fit":
-                return
-            raise ValueError(
-                f"`{subcommand}` needs --ckpt_path: the checkpoint to evaluate (e.g. <run>/checkpoints/last.ckpt, "
-                "or 'last' / 'best' for the run folder's own); without it the weights would be random"
-            )
-        path = self._resolve_ckpt_path(section, ckpt_path)
-        if path is None:
-            return  # 'best' / 'hpc' / 'registry': Lightning resolves and checks these itself
-        checkpoint = read_checkpoint(path)
-        dump = yaml.safe_load(self.parser.dump(self.config, skip_link_targets=False, skip_none=False))[subcommand]
-        problems = []
-        for saved_key, config_key in (("hyper_parameters", "model"), ("datamodule_hyper_parameters", "data")):
-            saved = dict(checkpoint.get(saved_key) or {})
-            saved.pop("_instantiator", None)
-            current = dump.get(config_key) or {}
-            if config_key == "data" and isinstance(current, dict) and "class_path" in current:
-                if saved.get("_class_path", current["class_path"]) != current["class_path"]:
-                    problems.append(f"data: checkpoint {saved['_class_path']!r}, config {current['class_path']!r}")
-                current = current.get("init_args") or {}
-            saved.pop("_class_path", None)
-            free = CKPT_FREE_KEYS if subcommand == "fit" else CKPT_FREE_KEYS | TRAINING_ONLY_DATA_KEYS
-            problems += _differences(saved, current, config_key, free)
-        if problems:
-            raise ValueError(
-                f"ckpt_path={os.fspath(path)!r} was trained with other arguments than this config:\n  "
-                + "\n  ".join(problems)
-                + "\nUse the run's own config.yaml (`--config <run>/config.yaml`) or the matching checkpoint."
-            )
-
-    def _resolve_ckpt_path(self, section: Any, ckpt_path: str) -> Path | None:
-        if ckpt_path == "last":
-            path = Path(checkpoint_dir(section["trainer"]["default_root_dir"])) / "last.ckpt"
-            return path if path.exists() else None  # Lightning starts from scratch (with a warning) if missing
-        if ckpt_path in ("best", "hpc") or str(ckpt_path).startswith("registry"):
-            return None
-        return Path(ckpt_path)
-
-    # ------------------------------------------------------------------ instantiation and running
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        super().parse_arguments(parser, args)
+        # Checked here, before anything is built: right after parsing, LightningCLI loads a checkpoint's model
+        # hyperparameters over the config (and so would silently rebuild whatever architecture the checkpoint
+        # holds). The config decides; a checkpoint trained with other model/data arguments is refused.
+        if self.config.get("subcommand") is not None:
+            check_ckpt_path(parser, self.config)
 
     def instantiate_classes(self) -> None:
-        if self.subcommand == STUDY:
-            return  # the study builds its runs' models itself (and checks them before training)
         # jsonargparse wraps an error raised while building the data or model (missing dataset, bad
         # resolution) in a "Does not validate against any of the Union subtypes" ValueError; show the original.
         try:
@@ -195,7 +145,7 @@ class ViTCLI(LightningCLI):
             raise
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        config = self._get(self.config_init, "trainer", default={})
+        config = (self.config_init[self.subcommand] if self.subcommand else self.config_init)["trainer"]
         if config.get("precision") is None:
             kwargs["precision"] = auto_precision(config.get("accelerator", "auto"))
         if not config.get("plugins"):
@@ -211,23 +161,66 @@ class ViTCLI(LightningCLI):
             else:
                 mode = self.model.resolution_mode
                 kwargs["logger"] = CSVLogger(root, name="", version=self.subcommand + (f"-{mode}" if mode else ""))
-        if self.subcommand is not None and os.environ.get("LOCAL_RANK", "0") == "0":
-            # DDP workers (LOCAL_RANK > 0) are children of the locking process and share its folder.
-            self.run_folder_lock = RunFolderLock(root)
-        return super().instantiate_trainer(**kwargs)
+        # DDP workers (LOCAL_RANK > 0) are children of the locking process and share its folder.
+        if not self.subcommand or os.environ.get("LOCAL_RANK", "0") != "0":
+            return super().instantiate_trainer(**kwargs)
+        lock = RunFolderLock(root)
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except BaseException:
+            lock.release()
+            raise
+        trainer.callbacks.append(ReleaseWhenDone(lock))
+        return trainer
 
-    def _run_subcommand(self, subcommand: str) -> None:
-        if subcommand != STUDY:
-            try:
-                return super()._run_subcommand(subcommand)
-            finally:
-                lock = getattr(self, "run_folder_lock", None)
-                if lock is not None:
-                    lock.release()
-        from .study import run_study
 
-        config = self._subcommand_parsers[STUDY].instantiate_classes(self.config[STUDY])
-        run_study(**{k: v for k, v in config.items() if k in self._subcommand_method_arguments[STUDY]})
+def check_ckpt_path(parser: LightningArgumentParser, config: Namespace) -> None:
+    """ValueError when the parsed subcommand needs a checkpoint and has none, or when its ``--ckpt_path`` is not a
+    usable checkpoint or was trained with other model/data arguments than ``config``."""
+    subcommand = config["subcommand"]
+    section = config[subcommand]
+    ckpt_path = section.get("ckpt_path")
+    if ckpt_path is None:
+        if subcommand == "fit":
+            return
+        raise ValueError(
+            f"`{subcommand}` needs --ckpt_path: the checkpoint to evaluate (e.g. <run>/checkpoints/last.ckpt, "
+            "or 'last' / 'best' for the run folder's own); without it the weights would be random"
+        )
+    path = checkpoint_file(ckpt_path, section["trainer"]["default_root_dir"])
+    if path is None:
+        return  # 'best' / 'hpc' / 'registry' / a missing 'last': Lightning resolves and checks these itself
+    checkpoint = read_checkpoint(path)
+    resolved = yaml.safe_load(parser.dump(config, skip_link_targets=False, skip_none=False))[subcommand]
+    problems = []
+    for saved_key, config_key in (("hyper_parameters", "model"), ("datamodule_hyper_parameters", "data")):
+        saved = dict(checkpoint.get(saved_key) or {})
+        saved.pop("_instantiator", None)
+        current = resolved.get(config_key) or {}
+        if config_key == "data" and isinstance(current, dict) and "class_path" in current:
+            if saved.get("_class_path", current["class_path"]) != current["class_path"]:
+                problems.append(f"data: checkpoint {saved['_class_path']!r}, config {current['class_path']!r}")
+            current = current.get("init_args") or {}
+        saved.pop("_class_path", None)
+        free = CKPT_FREE_KEYS if subcommand == "fit" else CKPT_FREE_KEYS | TRAINING_ONLY_DATA_KEYS
+        problems += _differences(saved, current, config_key, free)
+    if problems:
+        raise ValueError(
+            f"ckpt_path={os.fspath(path)!r} was trained with other arguments than this config:\n  "
+            + "\n  ".join(problems)
+            + "\nUse the run's own config.yaml (`--config <run>/config.yaml`) or the matching checkpoint."
+        )
+
+
+def checkpoint_file(ckpt_path: str, default_root_dir: str | os.PathLike) -> Path | None:
+    """The file ``--ckpt_path`` names: ``last`` is the run folder's last.ckpt (None when there is none yet: fit
+    starts from scratch); None for ``best`` / ``hpc`` / ``registry...``, which Lightning resolves itself."""
+    if ckpt_path == "last":
+        path = Path(checkpoint_dir(default_root_dir)) / "last.ckpt"
+        return path if path.exists() else None
+    if ckpt_path in ("best", "hpc") or str(ckpt_path).startswith("registry"):
+        return None
+    return Path(ckpt_path)
 
 
 def checkpoint_dir(default_root_dir: str | os.PathLike) -> str:
@@ -236,7 +229,8 @@ def checkpoint_dir(default_root_dir: str | os.PathLike) -> str:
 
 
 def cli_main(args: ArgsType = None, run: bool = True) -> ViTCLI:
-    """``python train.py {fit,validate,test,predict,study} --config configs/<name>.yaml [--section.option value ...]``."""
+    """``python train.py {fit,validate,test,predict} --config configs/<name>.yaml [--section.option value ...]``;
+    with ``run=False`` (no subcommand in ``args``) it only builds the model, data and trainer."""
     return ViTCLI(
         ImageClassifier,
         ImageDataModule,

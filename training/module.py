@@ -5,12 +5,12 @@ from __future__ import annotations
 import math
 import os
 import random
+import warnings
 from typing import Any
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.utilities import rank_zero_only
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
@@ -101,9 +101,13 @@ class ImageClassifier(LightningModule):
         super().__init__()
         # Evaluation and runtime switches stay out of the checkpoint, so a checkpoint's hyperparameters
         # describe what was trained. Under LightningCLI `net` is saved as its class_path/init_args config;
-        # a net passed from Python is not a hyperparameter (its weights are in the state dict).
+        # a net passed from Python is not a hyperparameter (its weights are in the state dict), so it is dropped.
         runtime = ["eval_resolutions", "eval_protocols", "resolution_mode", "compile"]
-        self.save_hyperparameters(ignore=runtime if _given_hyperparameters.get() is not None else runtime + ["net"])
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Attribute 'net' is an instance of `nn.Module`")
+            self.save_hyperparameters(ignore=runtime)
+        if isinstance(self.hparams.get("net"), nn.Module):
+            self.save_hyperparameters(ignore=[*runtime, "net"])
         self.resolution_mode = resolution_mode
         self.patch_size, self.train_resolution = net_geometry(net)
         self.eval_resolutions = list(eval_resolutions or [self.train_resolution])

@@ -1,8 +1,9 @@
 """The position-encoding study: train each variant x seed on one budget, test everywhere, report.
 
-    python train.py study --config configs/study_fashion_mnist.yaml [--seeds "[0, 1, 2]"] [-- FIT OPTIONS]
+    python -m training.study --config configs/study_fashion_mnist.yaml [--seeds "[0, 1, 2]"] [-- FIT OPTIONS]
 
-Each run is the public CLI in a subprocess (so DDP runs as it does for ``train.py fit``)::
+The study is its own command (`main`, a jsonargparse parser of `run_study`'s arguments) on top of train.py:
+each run is the public train.py CLI in a subprocess (so DDP runs as it does for ``train.py fit``)::
 
     train.py fit  --config <fit_config> --model.net.init_args.pos_embed <pos_embed> [--model.net.init_args.<k> <v>]
                   --seed_everything <seed> --trainer.default_root_dir <output_dir>/runs/<variant>-seed<seed> <fit_args>
@@ -10,12 +11,14 @@ Each run is the public CLI in a subprocess (so DDP runs as it does for ``train.p
                   --model.eval_resolutions <eval_resolutions> --model.eval_protocols <eval_protocols>
                   [--model.resolution_mode <mode>]
 
-Every run is tested with its final weights (the EMA weights when EMA is on): checkpoint selection never
-sees the test split. RoPE variants are tested once per entry of ``resolution_modes``; every test covers
-each protocol x resolution. A rerun of the same command skips finished steps and resumes unfinished fits
-from last.ckpt; the arguments of each fit are recorded in ``run.json`` before it starts, and a run folder
-whose recorded arguments differ is refused. The study folder is locked while a study runs in it, and a
-run's subprocess dies with the study (Linux parent-death signal). The report goes to
+Before any run, each variant's model and data are built once in this process with train.py's CLI
+(`training.cli.cli_main` with ``run=False``), so a bad option fails in seconds, not after hours. Every run
+is tested with its final weights (the EMA weights when EMA is on): checkpoint selection never sees the test
+split. RoPE variants without a ``rope_recipe`` are tested once per entry of ``resolution_modes``; every test
+covers each protocol x resolution. A rerun of the same command skips finished steps and resumes unfinished
+fits from last.ckpt; the arguments of each fit are recorded in ``run.json`` before it starts, and a run
+folder whose recorded arguments differ is refused. The study folder is locked while a study runs in it, and
+a run's subprocess dies with the study (Linux parent-death signal). The report goes to
 ``<output_dir>/results.json``, ``results.md`` and ``accuracy_vs_resolution.png`` (`training.report`).
 """
 
@@ -34,13 +37,15 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentParser
 from jsonargparse.typing import Path_fr
 
 import vit
 from ndrope.modules import ResolutionMode
 
 from .checkpoint import RunFolderLock
+from .cli import cli_main
+from .data import check_protocols
 from .report import atomic_write, write_study_report
 from .transforms import EvalProtocol
 
@@ -129,9 +134,11 @@ def test_command(
     return args + (["--model.resolution_mode", mode] if mode else [])
 
 
-def modes_for(pos_embed: str, resolution_modes: Sequence[str] | None) -> list[str | None]:
-    """The resolution modes a variant is tested with: only RoPE has a choice of coordinates at other grids."""
-    return list(resolution_modes) if resolution_modes and "rope" in pos_embed else [None]
+def modes_for(net: dict[str, Any], resolution_modes: Sequence[str] | None) -> list[str | None]:
+    """The resolution modes a variant (its net arguments) is tested with: only RoPE has a choice of coordinates
+    at other grids, and a ``rope_recipe`` fixes its own coordinate law, so it is tested once."""
+    rope = "rope" in net["pos_embed"] and not net.get("rope_recipe")
+    return list(resolution_modes) if resolution_modes and rope else [None]
 
 
 def _die_with_parent(parent: int) -> Callable[[], None]:
@@ -198,7 +205,8 @@ def run_study(
         eval_resolutions: test resolutions (multiples of the patch size).
         seeds: one run per variant and seed; the report gives mean ± sample std over seeds.
         resolution_modes: test RoPE variants once per `vit.set_resolution_mode` mode (rows
-            "rope_axial (interpolate)", ...); None tests once with the model's default.
+            "rope_axial (interpolate)", ...), except those with a ``rope_recipe`` (`modes_for`); None tests
+            once with the model's default.
         eval_protocols: how test images reach each resolution ("zoom": resized; "canvas": unscaled on a
             blank canvas), see `training.transforms.EvalProtocol`.
         variant_net_args: variants that are more than a pos_embed: name -> net arguments (``pos_embed``
@@ -223,8 +231,6 @@ def run_study(
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     if resolution_modes is not None and len(set(resolution_modes)) != len(resolution_modes):
         raise ValueError(f"resolution_modes={list(resolution_modes)} must not repeat a mode")
-    from .data import check_protocols
-
     eval_protocols = check_protocols(eval_protocols)
     configs = [os.fspath(path) for path in fit_config]
     output = Path(output_dir)
@@ -233,11 +239,10 @@ def run_study(
         _preflight(configs, variants, seeds, eval_resolutions, eval_protocols, variant_net_args, fit_args, output)
         planned = []
         for variant in variants:
-            pos_embed = net_args(variant, variant_net_args)["pos_embed"]
+            modes = modes_for(net_args(variant, variant_net_args), resolution_modes)
             for seed in seeds:
                 run_dir = output / "runs" / f"{variant}-seed{seed}"
                 fit = fit_command(configs, variant, seed, run_dir, fit_args, variant_net_args)
-                modes = modes_for(pos_embed, resolution_modes)
                 planned.append((variant, seed, run_dir, fit, modes))
                 if dry_run:
                     tests = [test_command(run_dir, eval_resolutions, eval_protocols, mode) + test_args for mode in modes]
@@ -293,8 +298,6 @@ def _preflight(configs: list[str], variants: Sequence[str], seeds: Sequence[int]
                eval_protocols: Sequence[str], variant_net_args: dict[str, dict[str, Any]] | None,
                fit_args: Sequence[str], output: Path) -> None:
     """Build each variant's model and data once in-process, so a bad option fails now, not after hours."""
-    from .cli import cli_main
-
     for variant in variants:
         args = fit_command(configs, variant, seeds[0], output / "preflight", fit_args, variant_net_args)[1:]
         with warnings.catch_warnings():
@@ -388,17 +391,18 @@ def _tested(eval_path: Path, checkpoint: Path, mode: str | None, eval_resolution
     )
 
 
-def add_study_arguments(parser: ArgumentParser) -> list[str]:
-    """Add `run_study`'s arguments to ``parser`` (``fit_args`` as the positionals after ``--``); return their names."""
-    added = parser.add_function_arguments(run_study, skip={"fit_args"}, as_group=False)
-    parser.add_argument(
-        "fit_args", nargs="*", default=[], help="train.py fit options for every run, after `--`"
-    )
-    return [*added, "fit_args"]
+def main(args: Sequence[str] | None = None) -> dict[str, Path] | None:
+    """``python -m training.study --config configs/study_<name>.yaml [--<argument> <value> ...] [-- FIT OPTIONS]``:
+    `run_study` with its arguments from study YAML files (composed in order) and the command line; the options
+    after ``--`` are ``fit_args``. Returns the report files (None for a dry run)."""
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", action=ActionConfigFile, help="a study YAML file, e.g. configs/study_*.yaml")
+    parser.add_function_arguments(run_study, skip={"fit_args"}, as_group=False)
+    parser.add_argument("fit_args", nargs="*", default=[], help="train.py fit options for every run, after `--`")
+    config = parser.parse_args(args).as_dict()
+    config.pop("config", None)
+    return run_study(**config)
 
 
-def study_main(argv: list[str] | None = None) -> None:
-    """``train.py study`` from Python: the same as ``cli_main(["study", *argv])``."""
-    from .cli import cli_main
-
-    cli_main(["study", *(sys.argv[1:] if argv is None else argv)])
+if __name__ == "__main__":
+    main()
