@@ -26,6 +26,7 @@ from ._checks import (
     check_floating,
     check_int,
     check_number,
+    check_position_dtype,
     check_real,
     check_same_device,
     check_tensor,
@@ -177,7 +178,8 @@ def angles(positions: Tensor, freqs: Tensor, *, dtype: torch.dtype | None = None
     """Rotation angles ``positions @ F``.
 
     Args:
-        positions: (..., N, A) coordinates (any real dtype), on freqs' device.
+        positions: (..., N, A) coordinates, on freqs' device: float32, float64 or integers (bfloat16 and
+            float16 are refused: they round ordinary positions; int64 beyond 2**53 too: float64 rounds it).
         freqs: (A, P) shared by all heads, or (H, A, P) per head.
         dtype: the result's dtype; default float64 for float64 positions, float32 otherwise.
     Returns:
@@ -189,6 +191,7 @@ def angles(positions: Tensor, freqs: Tensor, *, dtype: torch.dtype | None = None
     check_tensor("positions", positions, min_rank=2)
     check_tensor("freqs", freqs, min_rank=2)
     check_real("positions", positions)
+    check_position_dtype("positions", positions.dtype)
     check_floating("freqs", freqs)
     if freqs.dim() > 3:
         raise ValueError(f"freqs must be (A, P) or (H, A, P), got shape {tuple(freqs.shape)}")
