@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from . import _ops
+from . import _ops, _sharding
 from ._checks import (
     check_choice,
     check_even_dim,
@@ -289,6 +289,8 @@ def apply_rotary(x: Tensor, rotation: Rotation, *, layout: Layout = "half") -> T
     """
     check_choice("layout", layout, Layout)
     cos, sin = _as_cos_sin(rotation)
+    if (type(x) is not Tensor or type(cos) is not Tensor) and not torch.compiler.is_compiling():
+        _sharding.register()  # a DTensor (or another subclass): DTensor needs the op's sharding rules
     rows = _output_rows(x, cos)
     check_same_device("the rotation", cos, "x", x)
     compute = torch.float64 if torch.float64 in (x.dtype, cos.dtype) else torch.float32  # x, cos are floating
