@@ -122,10 +122,10 @@ def mixed_frequencies(
     check_int("num_heads", num_heads)
     theta = check_number("theta", theta)
     sizes = _split_pairs(dim // 2, n_axes, axis_dims)
-    gaussian = torch.randn(num_heads, n_axes, n_axes, generator=generator, dtype=torch.float64)
+    gaussian = torch.randn(num_heads, n_axes, n_axes, generator=generator, dtype=torch.float64, device="cpu")
     basis, upper = torch.linalg.qr(gaussian)
     basis = basis * torch.sign(torch.diagonal(upper, dim1=-2, dim2=-1)).unsqueeze(-2)  # Haar, not QR-biased
-    columns = [basis[:, :, direction, None] * _ladder(size, theta, None) for direction, size in enumerate(sizes)]
+    columns = [basis[:, :, direction, None] * _ladder(size, theta, "cpu") for direction, size in enumerate(sizes)]
     return torch.cat(columns, dim=-1).to(device=device, dtype=dtype)
 
 
