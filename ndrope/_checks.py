@@ -88,21 +88,44 @@ def check_same_device(name: str, value: Tensor, other_name: str, other: Tensor) 
         raise ValueError(f"{name} is on {value.device} but {other_name} is on {other.device}; put them on one device")
 
 
+#: Float dtypes too narrow for positions, and the largest integer each holds exactly.
+NARROW_POSITION_DTYPES = {torch.bfloat16: 256, torch.float16: 2048}
+#: Integers beyond this lose precision in float64, where angles are computed.
+FLOAT64_EXACT_INTEGERS = 2**53
+
+
+def check_position_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """Refuse bfloat16/float16 positions: they round ordinary positions (bfloat16 holds integers exactly
+    only up to 256: position 301 becomes 300, a 3 rad angle error at the fastest frequency)."""
+    if dtype in NARROW_POSITION_DTYPES:
+        limit = NARROW_POSITION_DTYPES[dtype]
+        raise TypeError(
+            f"{name} has dtype {dtype}, which holds integer positions exactly only up to {limit}; use float32, "
+            "float64 or an integer dtype (build positions before casting the model or entering autocast)"
+        )
+    return dtype
+
+
 def check_finite(name: str, value: Tensor, *others: tuple[str, Tensor]) -> Tensor:
-    """Reject NaN/inf in ``value`` and in any (name, tensor) of ``others``, with one device sync for all.
-    Skipped while tracing (no data-dependent branch for torch.compile) and for tensors without data
+    """Reject NaN/inf in floating tensors, and int64 values beyond 2**53 (not exact in float64, where
+    angles are computed), in ``value`` and in any (name, tensor) of ``others``, with one device sync for
+    all. Skipped while tracing (no data-dependent branch for torch.compile) and for tensors without data
     (meta, fake). Returns ``value``."""
     named = [(name, value), *others]
     if torch.compiler.is_compiling():
         return value
-    checked = [(n, t) for n, t in named if t.is_floating_point() and t.device.type != "meta"]
+    checked = [(n, t) for n, t in named if t.device.type != "meta" and (t.is_floating_point() or t.dtype == torch.int64)]
     if not checked:
         return value
-    flags = [torch.isfinite(t).all() for _, t in checked]
+    flags = [
+        torch.isfinite(t).all() if t.is_floating_point() else (t.abs() <= FLOAT64_EXACT_INTEGERS).all() for _, t in checked
+    ]
     if bool(torch.stack(flags).all() if len(flags) > 1 else flags[0]):
         return value
-    bad = next(n for (n, _), flag in zip(checked, flags) if not bool(flag))
-    raise ValueError(f"{bad} contains non-finite values (NaN or inf); it must be finite")
-    if not bool(torch.isfinite(value).all()):
-        raise ValueError(f"{name} contains non-finite values (NaN or inf); positions must be finite")
-    return value
+    bad, tensor = next((n, t) for (n, t), flag in zip(checked, flags) if not bool(flag))
+    if tensor.is_floating_point():
+        raise ValueError(f"{bad} contains non-finite values (NaN or inf); it must be finite")
+    raise ValueError(
+        f"{bad} contains integers beyond 2**53 (largest magnitude {int(tensor.abs().max())}), which float64, where "
+        "angles are computed, cannot hold exactly; offset the positions (only differences matter to attention)"
+    )

@@ -1,9 +1,18 @@
 """The CPU rotary kernel (`csrc/rotary.cpp`): built on first use, verified before it is loaded.
 
 The library has a plain C ABI and no torch headers, so the system compiler builds it in a few
-seconds (about 4 s on a 2-core AMD EPYC). It is cached in ``$NDROPE_CACHE_DIR`` (default ``$XDG_CACHE_HOME/ndrope``, i.e.
-``~/.cache/ndrope``) under a name keyed by the source, the compiler command and the CPU's ISA, next to
-a ``.sha256`` file the build writes. A cached library is loaded only when
+seconds (about 4 s on a 2-core AMD EPYC; one log line says so). It is cached in `cache_dir`
+(``$NDROPE_CACHE_DIR``, else ``$XDG_CACHE_HOME/ndrope``, else ``~/.cache/ndrope``, else a private
+folder in the temporary directory when HOME is unset or empty) under a name keyed by the source, the
+compiler command and the CPU's ISA, next to a ``.sha256`` file the build writes.
+
+* Processes that start cold together build once: the build runs under an exclusive lock on the cache
+  folder, and the others wait for it and load the file it verified.
+* The compiler runs under a timeout (``$NDROPE_BUILD_TIMEOUT`` seconds, default
+  `DEFAULT_BUILD_TIMEOUT_S`): a compiler that hangs is killed with its process group, and ndrope
+  falls back to the torch formula. Scratch folders of a build that was killed are removed by the next.
+
+A cached library is loaded only when
 
 * the cache folder and the file belong to this user and nobody else may write to them, and
 * the file's SHA-256 equals the one recorded by the build (a truncated or replaced file is rebuilt),
@@ -15,14 +24,20 @@ returns None); nothing unexpected is ever executed or trusted silently.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
+import logging
 import os
+import shutil
+import signal
 import stat
 import subprocess
 import tempfile
+import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -30,6 +45,10 @@ from torch import Tensor
 
 SOURCE = Path(__file__).with_name("csrc") / "rotary.cpp"
 ABI_VERSION = 3
+#: Seconds the compiler may run (and another process's build may be waited for), unless
+#: ``$NDROPE_BUILD_TIMEOUT`` says otherwise: a build takes a few seconds, a loaded machine a minute.
+DEFAULT_BUILD_TIMEOUT_S = 180.0
+_log = logging.getLogger(__name__)
 #: Row dims (x.dim() - 1) the kernel accepts; higher ranks take the torch formula.
 MAX_ROW_DIMS = 16
 _MAX_OPERANDS = 7
@@ -90,10 +109,33 @@ def expected_abi() -> tuple[int, ...]:
 
 
 def cache_dir() -> Path:
+    """Where built kernels are kept: ``$NDROPE_CACHE_DIR``, ``$XDG_CACHE_HOME/ndrope``, ``~/.cache/ndrope``,
+    or, when HOME is unset, empty or relative (a service, ``HOME=''`` as root), ``<tmp>/ndrope-<uid>``:
+    never a system path such as ``/.cache``."""
     root = os.environ.get("NDROPE_CACHE_DIR")
     if root:
         return Path(root)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ndrope"
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    if os.path.isabs(xdg):  # the XDG spec ignores relative paths
+        return Path(xdg) / "ndrope"
+    home = os.environ.get("HOME", "")
+    if os.path.isabs(home) and home.rstrip("/"):
+        return Path(home) / ".cache" / "ndrope"
+    return Path(tempfile.gettempdir()) / f"ndrope-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+
+
+def build_timeout() -> float:
+    """Seconds allowed for one build: ``$NDROPE_BUILD_TIMEOUT`` or `DEFAULT_BUILD_TIMEOUT_S`."""
+    text = os.environ.get("NDROPE_BUILD_TIMEOUT", "").strip()
+    if not text:
+        return DEFAULT_BUILD_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"NDROPE_BUILD_TIMEOUT={text!r} must be a positive number of seconds")
+    return value
 
 
 def _private(path: Path, kind: str) -> None:
@@ -137,13 +179,33 @@ def library_path() -> Path:
     return cache_dir() / f"rotary_{capability}_{digest}.so"
 
 
+def _compile(command: list[str], timeout: float) -> None:
+    """Run the compiler in a session of its own; past ``timeout`` kill it with everything it started
+    (cc1plus, as, ld), not only the driver."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise TimeoutError(
+            f"{' '.join(command[:2])} ... did not finish within {timeout:g} s (NDROPE_BUILD_TIMEOUT); killed"
+        ) from None
+    except BaseException:  # Ctrl-C while compiling: leave no compiler behind
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        raise
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{stderr[-2000:]}")
+
+
 def _build(target: Path) -> None:
     """Compile into a scratch folder beside ``target``, record the hash, then rename both into place."""
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as scratch:
         built = Path(scratch) / target.name
-        result = subprocess.run([*_command(), str(SOURCE), "-o", str(built)], capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"{' '.join(_command())} failed:\n{result.stderr[-2000:]}")
+        _compile([*_command(), str(SOURCE), "-o", str(built)], build_timeout())
         digest = Path(scratch) / "digest"
         digest.write_text(_sha256(built))
         for file in (built, digest):
@@ -163,15 +225,53 @@ def _verified(path: Path) -> bool:
     return record.read_text().strip() == _sha256(path)
 
 
+@contextlib.contextmanager
+def _build_lock(folder: Path, timeout: float) -> Iterator[None]:
+    """Hold the cache folder's exclusive build lock (released by the kernel if the process dies).
+    Waits at most ``timeout`` plus a minute for a build in another process."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): builds are still atomic, only not shared
+        yield
+        return
+    handle = os.open(folder / ".build.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + timeout + 60.0
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"another process has been building the kernel in {folder} for over {timeout + 60:g} s"
+                    ) from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(handle)  # releases the lock
+
+
+def _remove_stale_scratch(folder: Path) -> None:
+    """Scratch folders left by a build that was killed (only the lock holder builds, so any is stale)."""
+    for scratch in folder.glob(".build-*"):
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def load() -> ctypes.CDLL:
     """Build (or reuse) the verified library and load it; raises on anything unexpected."""
     path = library_path()
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     _private(path.parent, "kernel cache folder")
     if not _verified(path):
-        _build(path)
-        if not _verified(path):
-            raise RuntimeError(f"the freshly built {path} does not match its recorded hash")
+        timeout = build_timeout()
+        with _build_lock(path.parent, timeout):
+            if not _verified(path):  # nobody built it while we waited
+                _remove_stale_scratch(path.parent)
+                _log.warning("ndrope: building the C++ CPU rotary kernel once (a few seconds), into %s", path.parent)
+                _build(path)
+                if not _verified(path):
+                    raise RuntimeError(f"the freshly built {path} does not match its recorded hash")
     lib = ctypes.CDLL(str(path))
     lib.ndrope_abi.restype = ctypes.c_int64
     lib.ndrope_abi.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.c_int64]

@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from . import _ops
+from . import _ops, _sharding
 from ._checks import (
     check_choice,
     check_even_dim,
@@ -26,6 +26,7 @@ from ._checks import (
     check_floating,
     check_int,
     check_number,
+    check_position_dtype,
     check_real,
     check_same_device,
     check_tensor,
@@ -121,10 +122,10 @@ def mixed_frequencies(
     check_int("num_heads", num_heads)
     theta = check_number("theta", theta)
     sizes = _split_pairs(dim // 2, n_axes, axis_dims)
-    gaussian = torch.randn(num_heads, n_axes, n_axes, generator=generator, dtype=torch.float64)
+    gaussian = torch.randn(num_heads, n_axes, n_axes, generator=generator, dtype=torch.float64, device="cpu")
     basis, upper = torch.linalg.qr(gaussian)
     basis = basis * torch.sign(torch.diagonal(upper, dim1=-2, dim2=-1)).unsqueeze(-2)  # Haar, not QR-biased
-    columns = [basis[:, :, direction, None] * _ladder(size, theta, None) for direction, size in enumerate(sizes)]
+    columns = [basis[:, :, direction, None] * _ladder(size, theta, "cpu") for direction, size in enumerate(sizes)]
     return torch.cat(columns, dim=-1).to(device=device, dtype=dtype)
 
 
@@ -177,7 +178,8 @@ def angles(positions: Tensor, freqs: Tensor, *, dtype: torch.dtype | None = None
     """Rotation angles ``positions @ F``.
 
     Args:
-        positions: (..., N, A) coordinates (any real dtype), on freqs' device.
+        positions: (..., N, A) coordinates, on freqs' device: float32, float64 or integers (bfloat16 and
+            float16 are refused: they round ordinary positions; int64 beyond 2**53 too: float64 rounds it).
         freqs: (A, P) shared by all heads, or (H, A, P) per head.
         dtype: the result's dtype; default float64 for float64 positions, float32 otherwise.
     Returns:
@@ -189,6 +191,7 @@ def angles(positions: Tensor, freqs: Tensor, *, dtype: torch.dtype | None = None
     check_tensor("positions", positions, min_rank=2)
     check_tensor("freqs", freqs, min_rank=2)
     check_real("positions", positions)
+    check_position_dtype("positions", positions.dtype)
     check_floating("freqs", freqs)
     if freqs.dim() > 3:
         raise ValueError(f"freqs must be (A, P) or (H, A, P), got shape {tuple(freqs.shape)}")
@@ -286,6 +289,8 @@ def apply_rotary(x: Tensor, rotation: Rotation, *, layout: Layout = "half") -> T
     """
     check_choice("layout", layout, Layout)
     cos, sin = _as_cos_sin(rotation)
+    if (type(x) is not Tensor or type(cos) is not Tensor) and not torch.compiler.is_compiling():
+        _sharding.register()  # a DTensor (or another subclass): DTensor needs the op's sharding rules
     rows = _output_rows(x, cos)
     check_same_device("the rotation", cos, "x", x)
     compute = torch.float64 if torch.float64 in (x.dtype, cos.dtype) else torch.float32  # x, cos are floating

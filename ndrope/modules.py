@@ -28,7 +28,7 @@ class RotaryEmbedding(nn.Module):
     `RotaryEmbedding.mixed` is RoPE-Mixed (learned per head), `RotaryEmbedding.from_frequencies`
     takes any F (A, P) or (H, A, P). Everything else is an argument of `rotation` / `forward`: the
     module keeps no state but its frequencies and, for fixed frequencies, the (cos, sin) table of the
-    reference grid (a non-persistent buffer, as timm does, rebuilt on device/dtype moves and on
+    reference grid (a non-persistent buffer, as timm does, rebuilt by `reset_parameters` and on
     ``load_state_dict``; edit fixed frequencies through those, not in place); other grids are
     computed on demand.
 
@@ -48,8 +48,20 @@ class RotaryEmbedding(nn.Module):
             ``"ntk"`` modes position other grids relative to it.
         device: where the frequencies live.
 
-    Frequencies stay in float64 (fixed) or float32 (learned) whatever the module is cast to
-    (``.to(torch.bfloat16)``, ``.half()``): angles at large positions need them.
+    Precision under casts: fixed frequencies are exact whatever the module is cast to
+    (``.to(torch.bfloat16)``, ``.half()``, FSDP's ``buffer_dtype``): the module keeps the float64
+    values it was built with (or loaded) and uses them when a cast has rounded the buffer. The
+    reference table is a float32 cache used only while it is float32 (a cast to another dtype and back,
+    ``.half().float()``, rounds it: call `reset_parameters` after such a chain). Learned frequencies are
+    parameters and follow casts like every parameter (their gradients with them); keep them in float32
+    (autocast, mixed-precision master weights) for exact angles. Tables are float32, or float64 for
+    float64 activations (``forward``, ``rotation(..., dtype=)``), float64 positions or float64 learned
+    frequencies.
+
+    Meta-device init: build under ``torch.device("meta")``, ``to_empty(device=...)``, then
+    `reset_parameters` (as Lightning and FSDP2 do) gives the same module as an eager build.
+    Checkpoints of fixed frequencies built from settings record them (``get_extra_state``): loading
+    one trained with other settings (``theta``, ``axis_dims``) raises an error naming them.
     """
 
     def __init__(
@@ -64,8 +76,14 @@ class RotaryEmbedding(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        freqs = rope_f.axial_frequencies(dim, n_axes, theta=theta, axis_dims=axis_dims, device=device)
-        self._setup(freqs, learnable=False, persistent=False, layout=layout, reference_shape=reference_shape)
+        # on the CPU whatever the default device: meta-device init keeps real values to reset from
+        freqs = rope_f.axial_frequencies(dim, n_axes, theta=theta, axis_dims=axis_dims, device="cpu")
+        device = torch.get_default_device() if device is None else device
+        pairs = rope_f._split_pairs(dim // 2, n_axes, axis_dims)
+        settings = {"dim": dim, "n_axes": n_axes, "theta": float(theta), "axis_dims": list(pairs)}
+        self._setup(
+            freqs, learnable=False, layout=layout, reference_shape=reference_shape, device=device, settings=settings
+        )
 
     @classmethod
     def from_frequencies(
@@ -75,8 +93,10 @@ class RotaryEmbedding(nn.Module):
         learnable: bool = False,
         layout: rope_f.Layout = "half",
         reference_shape: Sequence[int] | None = None,
+        device: torch.device | str | None = None,
     ) -> RotaryEmbedding:
-        """RoPE with any frequency matrix F (A, P) or (H, A, P) (for example a `ndrope.recipes` one).
+        """RoPE with any frequency matrix F (A, P) or (H, A, P) (for example a `ndrope.recipes` one), on
+        ``device`` (default: F's).
 
         ``learnable=True`` makes F a parameter (kept in float32 at least); fixed F is a buffer that is
         saved in the state dict (it may not be recomputable from a config).
@@ -87,7 +107,8 @@ class RotaryEmbedding(nn.Module):
         check_finite("freqs", freqs)
         module = cls.__new__(cls)
         nn.Module.__init__(module)
-        module._setup(freqs, learnable=learnable, persistent=True, layout=layout, reference_shape=reference_shape)
+        device = freqs.device if device is None else device
+        module._setup(freqs, learnable=learnable, layout=layout, reference_shape=reference_shape, device=device)
         return module
 
     @classmethod
@@ -107,29 +128,44 @@ class RotaryEmbedding(nn.Module):
     ) -> RotaryEmbedding:
         """RoPE-Mixed (Heo et al. 2024): per-head frequencies (H, A, D // 2) from `ndrope.mixed_frequencies`,
         learned by default (theta 10, as in the paper)."""
-        freqs = rope_f.mixed_frequencies(
-            dim, n_axes, num_heads, theta=theta, axis_dims=axis_dims, generator=generator, device=device
+        freqs = rope_f.mixed_frequencies(dim, n_axes, num_heads, theta=theta, axis_dims=axis_dims, generator=generator)
+        device = torch.get_default_device() if device is None else device  # meta under torch.device("meta")
+        return cls.from_frequencies(
+            freqs, learnable=learnable, layout=layout, reference_shape=reference_shape, device=device
         )
-        return cls.from_frequencies(freqs, learnable=learnable, layout=layout, reference_shape=reference_shape)
 
     def _setup(
-        self, freqs: Tensor, *, learnable: bool, persistent: bool, layout: str, reference_shape: Sequence[int] | None
+        self,
+        freqs: Tensor,
+        *,
+        learnable: bool,
+        layout: str,
+        reference_shape: Sequence[int] | None,
+        device: torch.device | str | None,
+        settings: dict[str, Any] | None = None,
     ) -> None:
+        """Frequencies from settings (``settings`` given: a non-persistent buffer, recorded by
+        `get_extra_state`), or given ones (a persistent buffer, or a parameter when ``learnable``)."""
         self.layout = check_choice("layout", layout, rope_f.Layout)
         if not isinstance(learnable, bool):
             raise TypeError(f"learnable={learnable!r} must be a bool")
         self.n_axes = freqs.shape[-2]
         self.reference_shape = None if reference_shape is None else self._check_grid("reference_shape", reference_shape)
+        self._settings = settings
+        exact = freqs.detach().to(torch.promote_types(freqs.dtype, torch.float32))
+        # what reset_parameters restores, and the exact fixed values when a cast rounds the buffer
+        self._built_freqs = exact if exact.device.type == "meta" else exact.to("cpu", copy=True)
+        on_device = exact.to(device, copy=True)
         if learnable:
-            self.freqs = nn.Parameter(freqs.to(torch.promote_types(freqs.dtype, torch.float32)))
+            self.freqs = nn.Parameter(on_device)
         else:
-            self.register_buffer("freqs", freqs.to(torch.promote_types(freqs.dtype, torch.float32)), persistent=persistent)
-        self._freqs_dtype = self.freqs.dtype
-        self._table_dtype = torch.float32  # float64 after .double(); never below float32
+            self.register_buffer("freqs", on_device, persistent=settings is None)
         # the training grid's table, for fixed frequencies: rebuilt, never saved (timm's pattern)
-        table = self._reference_table() if self.reference_shape is not None and not learnable else None
-        self.register_buffer("reference_cos", None if table is None else table[0], persistent=False)
-        self.register_buffer("reference_sin", None if table is None else table[1], persistent=False)
+        self.register_buffer("reference_cos", None, persistent=False)
+        self.register_buffer("reference_sin", None, persistent=False)
+        if self.reference_shape is not None and not learnable:
+            self.reference_cos, self.reference_sin = self._reference_table()
+        self.register_load_state_dict_pre_hook(_before_load)
         self.register_load_state_dict_post_hook(_rebuild_reference_table)
 
     @property
@@ -148,24 +184,75 @@ class RotaryEmbedding(nn.Module):
             f"reference_shape={self.reference_shape}"
         )
 
-    def _apply(self, fn: Any, recurse: bool = True) -> RotaryEmbedding:
-        # .to(dtype)/.half()/.bfloat16() cast every floating tensor: keep the frequencies' precision
-        # (and rebuild the table) while following device moves.
-        exact = self.freqs.detach().clone()
-        self._table_dtype = torch.promote_types(fn(torch.zeros((), dtype=self._table_dtype)).dtype, torch.float32)
-        super()._apply(fn, recurse)
-        if self.freqs.dtype != self._freqs_dtype:
-            restored = exact.to(device=self.freqs.device)
-            if self.learnable:
-                self.freqs.data = restored
-            else:
-                self.freqs = restored
+    def reset_parameters(self) -> None:
+        """Restore the frequencies the module was built with (loaded, for given fixed ones) and rebuild the
+        reference table: after meta-device init and ``to_empty``, nothing is left uninitialised."""
+        if self._built_freqs.device.type == "meta":
+            raise RuntimeError(
+                "this RotaryEmbedding was built from frequencies on the meta device, so there are no values to "
+                "reset to: build the frequencies on a real device (they are small), e.g. with device='cpu'"
+            )
+        with torch.inference_mode(False), torch.no_grad():  # in this order: inference_mode(False) enables grad
+            source = self._built_freqs.to(device=self.freqs.device, dtype=self.freqs.dtype)
+            if type(self.freqs.data) is Tensor:
+                self.freqs.copy_(source)
+            else:  # a DTensor parameter (FSDP2): the plain source is the same on every rank
+                from torch.distributed.tensor.experimental import implicit_replication
+
+                with implicit_replication():
+                    self.freqs.copy_(source)
         self._refresh_reference_table()
-        return self
+
+    def _exact_freqs(self) -> Tensor:
+        """The frequencies in use, on the module's device: learned ones as they are; fixed ones at the
+        precision they were built (or loaded) with, also after a cast rounded the buffer."""
+        if self.learnable or self.freqs.dtype == self._built_freqs.dtype:
+            return self.freqs
+        return self._built_freqs.to(self.freqs.device)
+
+    def _table_dtype(self, activations: torch.dtype | None = None) -> torch.dtype:
+        """float32, or float64 for float64 ``activations`` (without them: for float64 learned frequencies)."""
+        if activations is None:
+            activations = self.freqs.dtype if self.learnable else torch.float32
+        return torch.float64 if activations == torch.float64 else torch.float32
+
+    def _reference_table_usable(self, dtype: torch.dtype) -> bool:
+        """The stored float32 table serves float32 requests unless a cast changed its dtype, or it was built
+        under inference_mode and autograd may need it now (not checked while compiling: Dynamo cannot ask)."""
+        table = self.reference_cos
+        if table is None or table.dtype != torch.float32 or dtype != torch.float32:
+            return False
+        return torch.compiler.is_compiling() or not table.is_inference() or torch.is_inference_mode_enabled()
 
     def _refresh_reference_table(self) -> None:
         if self.reference_cos is not None:
             self.reference_cos, self.reference_sin = self._reference_table()
+
+    def get_extra_state(self) -> Tensor:
+        """The record a checkpoint keeps of fixed frequencies built from settings (they are not saved as a
+        buffer): F itself (A, P), float64, so that `set_extra_state` can check a checkpoint against this
+        module. Empty for given or learned frequencies (the state dict holds them)."""
+        return self._built_freqs.clone() if self._settings is not None else torch.empty(0, dtype=torch.float64)
+
+    def set_extra_state(self, state: Any) -> None:
+        """Raise unless a checkpoint's fixed frequencies are this module's, to the precision they were saved in."""
+        if self._settings is None or not isinstance(state, Tensor) or state.numel() == 0:
+            return
+        mine = self._built_freqs
+        tolerance = 4 * torch.finfo(state.dtype).eps if state.is_floating_point() else 0.0
+        if state.shape == mine.shape and torch.allclose(state.to(mine), mine, rtol=tolerance, atol=0.0):
+            return
+        theirs = _axial_settings(state.to(torch.float64))
+        differences = [
+            f"{name}: checkpoint {theirs[name]!r}, this module {self._settings[name]!r}"
+            for name in ("n_axes", "dim", "axis_dims", "theta")
+            if theirs.get(name) != self._settings[name]
+        ] or [f"frequencies {tuple(state.shape)}, values differ"]
+        raise ValueError(
+            "the checkpoint was trained with other fixed RoPE frequencies than this RotaryEmbedding computes ("
+            + "; ".join(differences)
+            + "): build the model with the checkpoint's settings (e.g. rope_theta) to load it"
+        )
 
     def _check_grid(self, name: str, shape: Sequence[int]) -> tuple[int, ...]:
         shape = check_shape(name, shape)
@@ -175,9 +262,9 @@ class RotaryEmbedding(nn.Module):
 
     def _reference_table(self) -> tuple[Tensor, Tensor]:
         # never an inference tensor, whatever mode the module is built or moved in: it serves autograd
-        with torch.no_grad(), torch.inference_mode(False):
+        with torch.inference_mode(False), torch.no_grad():
             positions = grid(self.reference_shape, device=self.freqs.device)
-            return rope_f.cos_sin(rope_f._phase(positions, self.freqs, self._table_dtype))
+            return rope_f.cos_sin(rope_f._phase(positions, self._exact_freqs(), torch.float32))
 
     def positions(self, grid_shape: Sequence[int], *, mode: ResolutionMode = "extrapolate") -> Tensor:
         """Positions (N, A) of a row-major grid under a resolution mode (``"ntk"`` positions are integer)."""
@@ -192,37 +279,47 @@ class RotaryEmbedding(nn.Module):
         """Frequencies (A, P) or (H, A, P) in effect for ``grid_shape`` (NTK-scaled in ``"ntk"`` mode)."""
         check_choice("mode", mode, ResolutionMode)
         if mode != "ntk" or grid_shape is None or tuple(grid_shape) == self.reference_shape:
-            return self.freqs
+            return self._exact_freqs()
         if self.reference_shape is None:
             raise ValueError("mode='ntk' needs reference_shape (the training grid)")
         scale = [size / ref for size, ref in zip(self._check_grid("grid_shape", grid_shape), self.reference_shape)]
-        return rope_f.ntk_scaled_frequencies(self.freqs, scale)
+        return rope_f.ntk_scaled_frequencies(self._exact_freqs(), scale)
 
     def rotation(
-        self, positions: Positions, *, mode: ResolutionMode = "extrapolate", num_prefix_tokens: int = 0
+        self,
+        positions: Positions,
+        *,
+        mode: ResolutionMode = "extrapolate",
+        num_prefix_tokens: int = 0,
+        dtype: torch.dtype | None = None,
     ) -> tuple[Tensor, Tensor]:
         """(cos, sin), each (..., k + N, P), or (..., H, k + N, P) for per-head frequencies.
 
         ``positions`` is a grid shape (positioned by ``mode``) or explicit (..., N, A) coordinates
         (used as given). The first ``k = num_prefix_tokens`` rows are the identity (cos 1, sin 0): class
-        and register tokens stay unrotated. Compute once per forward and pass to every layer.
+        and register tokens stay unrotated. ``dtype``: of the activations the tables will rotate; the
+        tables are float32, or float64 for float64 activations (default: float64 only for float64
+        positions or a module cast with ``.double()``). Compute once per forward and pass to every layer.
         """
         check_int("num_prefix_tokens", num_prefix_tokens, minimum=0)
         check_choice("mode", mode, ResolutionMode)
+        table_dtype = self._table_dtype(dtype)
         if isinstance(positions, Tensor):
             check_tensor("positions", positions, min_rank=2)
             if positions.shape[-1] != self.n_axes:
                 raise ValueError(f"positions shape {tuple(positions.shape)} must end with n_axes={self.n_axes} coordinates")
-            phase = rope_f.angles(positions.to(self.freqs.device), self.freqs, dtype=self._table_dtype)
+            if dtype is None and positions.dtype == torch.float64:
+                table_dtype = torch.float64
+            phase = rope_f.angles(positions.to(self.freqs.device), self._exact_freqs(), dtype=table_dtype)
             cos, sin = rope_f.cos_sin(phase)
         else:
             grid_shape = self._check_grid("grid_shape", positions)
-            if self.reference_cos is not None and grid_shape == self.reference_shape:
+            if grid_shape == self.reference_shape and self._reference_table_usable(table_dtype):
                 cos, sin = self.reference_cos, self.reference_sin
             else:
                 freqs = self.frequencies(grid_shape, mode=mode)
                 # grid positions are finite by construction: no NaN check (a device sync on GPU)
-                phase = rope_f._phase(self.positions(grid_shape, mode=mode), freqs, self._table_dtype)
+                phase = rope_f._phase(self.positions(grid_shape, mode=mode), freqs, table_dtype)
                 cos, sin = rope_f.cos_sin(phase)
         if num_prefix_tokens:
             prefix = (*cos.shape[:-2], num_prefix_tokens, cos.shape[-1])
@@ -263,8 +360,32 @@ class RotaryEmbedding(nn.Module):
             )
         if k.shape[-2] != q.shape[-2]:
             raise ValueError(f"q has {q.shape[-2]} tokens but k has {k.shape[-2]}; self-attention q and k must match")
-        rotation = self.rotation(positions, mode=mode, num_prefix_tokens=num_prefix_tokens)
+        rotation = self.rotation(positions, mode=mode, num_prefix_tokens=num_prefix_tokens, dtype=q.dtype)
         return rope_f.apply_rotary(q, rotation, layout=self.layout), rope_f.apply_rotary(k, rotation, layout=self.layout)
+
+
+def _axial_settings(freqs: Tensor) -> dict[str, Any]:
+    """dim, n_axes, axis_dims and theta of an axial F (A, P) (its ladder ``theta ** (-k / m)`` per axis), as
+    far as F shows them: for the error message of a checkpoint with other settings."""
+    if freqs.dim() != 2:
+        return {}
+    pairs = (freqs != 0).sum(dim=1).tolist()
+    settings: dict[str, Any] = {"n_axes": freqs.shape[0], "dim": 2 * freqs.shape[1], "axis_dims": pairs}
+    first = freqs[-1][freqs[-1] != 0]
+    if first.numel() >= 2 and first[1] > 0:
+        settings["theta"] = round(float((first[0] / first[1]) ** first.numel()), 6)
+    return settings
+
+
+def _before_load(module: RotaryEmbedding, state_dict: dict, prefix: str, *args: Any) -> None:
+    """Before load_state_dict: given fixed frequencies are taken at the checkpoint's precision (the buffer
+    may have been rounded by a cast); a checkpoint without a record of the fixed frequencies (saved by an
+    older ndrope, or by another library: a timm ViT) loads unchecked."""
+    if module._settings is None and not module.learnable and isinstance(state_dict.get(prefix + "freqs"), Tensor):
+        module._built_freqs = state_dict[prefix + "freqs"].detach().to("cpu", torch.promote_types(
+            state_dict[prefix + "freqs"].dtype, torch.float32), copy=True)
+    if module._settings is not None and prefix + "_extra_state" not in state_dict:
+        state_dict[prefix + "_extra_state"] = module.get_extra_state()  # nothing to check against
 
 
 def _rebuild_reference_table(module: RotaryEmbedding, incompatible_keys: Any) -> None:

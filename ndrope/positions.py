@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._checks import check_finite, check_int, check_number, check_real, check_shape, check_tensor
+from ._checks import check_finite, check_int, check_number, check_position_dtype, check_real, check_shape, check_tensor
 
 #: A multimodal segment: an int is a run of that many text tokens, a tuple is a grid shape.
 Segment = int | Sequence[int]
@@ -35,6 +35,7 @@ def grid(
     ``offset`` (one number, or one per axis) is added to every coordinate.
     """
     shape = check_shape("shape", shape)
+    check_position_dtype("dtype", dtype)
     scale = [1.0] * len(shape)
     if reference_shape is not None:
         reference_shape = check_shape("reference_shape", reference_shape)
@@ -97,6 +98,7 @@ def multimodal_positions(
         n_axes = max([len(s) for s in segments if not isinstance(s, int)] or [1])
     check_int("n_axes", n_axes)
     check_int("start", start, minimum=0)
+    check_position_dtype("dtype", dtype)
     parts = []
     next_index = start
     for index, segment in enumerate(segments):
@@ -147,6 +149,7 @@ def augment_positions(
     """
     check_tensor("positions", positions, min_rank=2)
     check_real("positions", positions)
+    check_position_dtype("positions", positions.dtype)
     shift, jitter, rescale = check_augmentation(shift, jitter, rescale)
     out = positions.to(torch.promote_types(positions.dtype, torch.float32))
     check_finite("positions", out)

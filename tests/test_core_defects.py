@@ -268,14 +268,15 @@ class TestIssue12Inputs:
     def test_cast_module_keeps_exact_frequencies(self, cast):
         rope = ndrope.RotaryEmbedding(64, 1)
         rope = rope.to(torch.bfloat16) if cast == "bfloat16" else rope.half()
-        assert rope.freqs.dtype == torch.float64
+        assert rope.frequencies().dtype == torch.float64
         positions = torch.arange(0, 4096, 7, dtype=torch.float32)[:, None]
         cos, sin = rope.rotation(positions)
         exact = positions.double() * true_ladder(64, 10000.0)
         assert wrapped(torch.atan2(sin.double(), cos.double()) - exact).abs().max() < 1e-6
         mixed = ndrope.RotaryEmbedding.mixed(16, 2, 2)
+        mixed.freqs.sum().backward()  # learned frequencies with a gradient: both follow the cast together
         mixed = mixed.to(torch.bfloat16) if cast == "bfloat16" else mixed.half()
-        assert mixed.freqs.dtype == torch.float32 and isinstance(mixed.freqs, torch.nn.Parameter)
+        assert isinstance(mixed.freqs, torch.nn.Parameter) and mixed.freqs.grad.dtype == mixed.freqs.dtype
 
     def test_cos_and_sin_on_two_devices_names_sin(self):
         with pytest.raises(ValueError, match="sin is on meta but cos is on cpu"):
@@ -295,8 +296,10 @@ class TestFloat64Module:
     def test_double_module_gives_float64_rotation(self):
         rope = ndrope.RotaryEmbedding(16, 2, theta=100.0, reference_shape=(4, 4)).double()
         for grid in ((4, 4), (5, 3)):
-            cos, sin = rope.rotation(grid)
+            cos, sin = rope.rotation(grid, dtype=torch.float64)  # the dtype of the activations
             assert cos.dtype == sin.dtype == torch.float64, grid
+            exact = ndrope.grid(grid, dtype=torch.float64) @ ndrope.axial_frequencies(16, 2, theta=100.0)
+            assert_close(cos, exact.cos(), atol=1e-15, rtol=0)
         q = torch.randn(1, 2, 15, 16, dtype=torch.float64)
         positions = ndrope.grid((5, 3), dtype=torch.float64)
         theta = positions @ ndrope.axial_frequencies(16, 2, theta=100.0)

@@ -1,4 +1,4 @@
-"""The compiled-kernel cache (issue 12): only a library this user's build recorded is ever loaded.
+"""The compiled-kernel cache: only a library this user's build recorded is ever loaded; builds are shared, bounded in time and cleaned up.
 
 Every test builds into its own ``NDROPE_CACHE_DIR`` with an unoptimised compile (the same source and
 checks, about a second instead of five), so the user's real cache is never touched.
@@ -13,7 +13,9 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
+import time
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -201,16 +203,16 @@ class TestAtomicBuild:
         """Compiled into a scratch folder, hashed, flushed, then renamed into place: a reader of the
         cache folder never sees a partial library or a record without its library."""
         seen: list[tuple[str, set[str]]] = []
-        real_run, real_replace = subprocess.run, os.replace
+        real_compile, real_replace = _kernel._compile, os.replace
 
         def visible() -> set[str]:
-            return {p.name for p in cache.folder.iterdir() if not p.name.startswith(".build-")}
+            return {p.name for p in cache.folder.iterdir() if not p.name.startswith(".build")}
 
-        def run(command, **kwargs):
+        def compile(command, timeout):
             output = Path(command[command.index("-o") + 1])
             assert output.parent.parent == cache.folder and output.parent.name.startswith(".build-")
             seen.append(("compile", visible()))
-            return real_run(command, **kwargs)
+            return real_compile(command, timeout)
 
         def replace(src, dst):
             src, dst = Path(src), Path(dst)
@@ -220,7 +222,7 @@ class TestAtomicBuild:
             seen.append((dst.name, visible()))
             return real_replace(src, dst)
 
-        monkeypatch.setattr(_kernel, "subprocess", SimpleNamespace(run=run))
+        monkeypatch.setattr(_kernel, "_compile", compile)
         monkeypatch.setattr(_kernel.os, "replace", replace)
         _kernel.load()
         assert seen == [
@@ -229,10 +231,131 @@ class TestAtomicBuild:
             (cache.record.name, {cache.path.name}),
         ]
         assert visible() == {cache.path.name, cache.record.name} and is_recorded_build(cache)
-        assert sorted(p.name for p in cache.folder.iterdir()) == sorted([cache.path.name, cache.record.name])
+        # besides the two files, only the (empty) build lock
+        assert sorted(p.name for p in cache.folder.iterdir()) == sorted([".build.lock", cache.path.name, cache.record.name])
 
     def test_failed_build_leaves_nothing(self, cache, monkeypatch):
         monkeypatch.setattr(_kernel, "_command", lambda: [*fast_command(), "-DNDROPE_BROKEN", "-include", "missing.h"])
         with pytest.raises(RuntimeError, match="failed"):
             _kernel.load()
-        assert list(cache.folder.iterdir()) == []
+        assert [p.name for p in cache.folder.iterdir()] == [".build.lock"]
+
+
+def compiler_script(tmp: Path, body: str) -> Path:
+    """An executable stand-in for the C++ compiler (``CXX``) running ``body`` (sh)."""
+    script = tmp / "cxx"
+    script.write_text("#!/bin/sh\n" + body)
+    script.chmod(0o755)
+    return script
+
+
+class TestBuildUnderLoad:
+    def test_hung_compiler_is_killed_after_the_timeout_and_the_formula_serves(self, cache, monkeypatch):
+        """A compiler that never returns (stuck distcc, an NFS ccache) costs the timeout, not forever:
+        it is killed with its children, one warning names the timeout, the torch formula rotates."""
+        pids = cache.tmp / "pids"
+        # the "compiler" starts a child that would outlive a kill of the driver alone
+        cxx = compiler_script(cache.tmp, f'sleep 60 & echo $! >> {pids}\necho $$ >> {pids}\nwait\n')
+        monkeypatch.setenv("CXX", str(cxx))
+        monkeypatch.setenv("NDROPE_BUILD_TIMEOUT", "1")
+        monkeypatch.setattr(_kernel, "_library", None)
+        monkeypatch.setattr(_kernel, "_failure", None)
+        started = time.monotonic()
+        with pytest.warns(RuntimeWarning, match="NDROPE_BUILD_TIMEOUT") as caught:
+            assert _kernel.library() is None
+        assert time.monotonic() - started < 20
+        assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1
+        assert isinstance(_kernel.failure(), TimeoutError)
+        for pid in map(int, pids.read_text().split()):
+            for _ in range(100):  # the kill is immediate; reaping by init may take a moment
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.05)
+            else:
+                pytest.fail(f"compiler process {pid} survived the timeout")
+        x, theta = torch.randn(2, 3, 5, 8), torch.randn(5, 4)
+        torch.testing.assert_close(ndrope.apply_rotary(x, theta), rotate_formula(x, theta.cos(), theta.sin(), "half"), atol=1e-5, rtol=1e-5)
+
+    @pytest.mark.parametrize("value", ["0", "-3", "soon", "inf", "nan"])
+    def test_bad_build_timeout_names_the_variable(self, monkeypatch, value):
+        monkeypatch.setenv("NDROPE_BUILD_TIMEOUT", value)
+        with pytest.raises(ValueError, match="NDROPE_BUILD_TIMEOUT"):
+            _kernel.build_timeout()
+
+    def test_cold_processes_build_once_and_share_the_verified_file(self, cache, tmp_path):
+        """Four processes starting together: one compiler run, the others wait for its file."""
+        runs = tmp_path / "runs"
+        cxx = compiler_script(tmp_path, f'echo run >> {runs}\nexec {shutil.which("c++")} "$@"\n')
+        program = textwrap.dedent(f"""
+            from ndrope import _kernel
+            _kernel._command = lambda: [{str(cxx)!r}, "-O0", "-std=c++17", "-fPIC", "-shared", "-fopenmp"]
+            lib = _kernel.load()
+            print(_kernel.library_path())
+        """)
+        env = {**os.environ, "NDROPE_CACHE_DIR": str(cache.folder), "PYTHONPATH": str(Path(ndrope.__file__).parents[1])}
+        processes = [
+            subprocess.Popen([sys.executable, "-c", program], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(4)
+        ]
+        outputs = [process.communicate(timeout=300) for process in processes]
+        assert [process.returncode for process in processes] == [0] * 4, [err[-2000:] for _, err in outputs]
+        assert len({out.strip() for out, _ in outputs}) == 1
+        assert runs.read_text().split() == ["run"], "each cold process compiled its own copy"
+        building = [err for _, err in outputs if "building the C++ CPU rotary kernel" in err]
+        assert len(building) == 1, "exactly the process that built says so"
+
+    def test_scratch_folder_of_a_killed_build_is_removed_by_the_next(self, cache):
+        cache.folder.mkdir(mode=0o700)
+        stale = cache.folder / ".build-killed"
+        stale.mkdir()
+        (stale / cache.path.name).write_bytes(b"half a library")
+        _kernel.load()
+        assert not stale.exists() and is_recorded_build(cache)
+
+    def test_first_build_says_where_and_reuse_is_silent(self, cache, caplog):
+        with caplog.at_level("WARNING", logger="ndrope"):
+            _kernel.load()
+        assert [r.getMessage() for r in caplog.records] == [
+            f"ndrope: building the C++ CPU rotary kernel once (a few seconds), into {cache.folder}"
+        ]
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="ndrope"):
+            _kernel.load()
+        assert caplog.records == []
+
+
+class TestCacheLocation:
+    @pytest.mark.parametrize("home", ["", "relative/home", "/"])
+    def test_without_a_usable_home_the_cache_is_private_and_temporary(self, monkeypatch, home):
+        """HOME='' as root used to put the cache in /.cache; now a per-user folder in the temporary directory."""
+        monkeypatch.delenv("NDROPE_CACHE_DIR", raising=False)
+        monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+        monkeypatch.setenv("HOME", home)
+        assert _kernel.cache_dir() == Path(tempfile.gettempdir()) / f"ndrope-{os.getuid()}"
+
+    def test_unset_home_uses_the_temporary_directory(self, monkeypatch):
+        monkeypatch.delenv("NDROPE_CACHE_DIR", raising=False)
+        monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+        monkeypatch.delenv("HOME", raising=False)
+        assert _kernel.cache_dir().parent == Path(tempfile.gettempdir())
+
+    def test_order_of_settings(self, monkeypatch, tmp_path):
+        monkeypatch.setenv("HOME", str(tmp_path / "home"))
+        monkeypatch.setenv("XDG_CACHE_HOME", "relative")  # ignored, as the XDG spec says
+        monkeypatch.delenv("NDROPE_CACHE_DIR", raising=False)
+        assert _kernel.cache_dir() == tmp_path / "home" / ".cache" / "ndrope"
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+        assert _kernel.cache_dir() == tmp_path / "xdg" / "ndrope"
+        monkeypatch.setenv("NDROPE_CACHE_DIR", str(tmp_path / "mine"))
+        assert _kernel.cache_dir() == tmp_path / "mine"
+
+    def test_a_temporary_cache_of_another_user_is_refused(self, monkeypatch, tmp_path):
+        """Another user may have created /tmp/ndrope-<uid> first: it is not trusted (formula instead)."""
+        folder = tmp_path / "planted"
+        folder.mkdir(mode=0o700)
+        monkeypatch.setenv("NDROPE_CACHE_DIR", str(folder))
+        monkeypatch.setattr(os, "getuid", lambda: 12345)
+        with pytest.raises(PermissionError, match="not to this user"):
+            _kernel.load()

@@ -261,8 +261,8 @@ def test_bad_arguments_name_themselves(call, match):
 )
 def test_recipe_plugs_into_rotary_embedding(make):
     """The module route (what a ViT holds): ``RotaryEmbedding.from_frequencies`` with the recipe's F and layout,
-    fed the recipe's coordinates, rotates exactly as the recipe's float32 rotation (the module's table dtype) does;
-    prefix tokens stay unrotated."""
+    fed the recipe's coordinates, rotates exactly as the recipe's rotation at the activations' precision (float64
+    here) does; prefix tokens stay unrotated."""
     recipe = make()
     rope = ndrope.RotaryEmbedding.from_frequencies(recipe.freqs, layout=recipe.layout)
     positions = recipe.positions((5, 7))
@@ -270,6 +270,6 @@ def test_recipe_plugs_into_rotary_embedding(make):
     k = rand(2, 3, 1 + 35, HEAD_DIM, seed=1)
     q_rot, k_rot = rope(q, k, positions)
     assert torch.equal(q_rot[..., 0, :], q[..., 0, :])
-    f32 = torch.float32
-    assert max_abs(q_rot[..., 1:, :], ours_rotate(recipe, q[..., 1:, :], positions, dtype=f32)) <= F64_TOL
-    assert max_abs(k_rot[..., 1:, :], ours_rotate(recipe, k[..., 1:, :], positions, dtype=f32)) <= F64_TOL
+    assert q.dtype == torch.float64
+    assert max_abs(q_rot[..., 1:, :], ours_rotate(recipe, q[..., 1:, :], positions, dtype=q.dtype)) <= F64_TOL
+    assert max_abs(k_rot[..., 1:, :], ours_rotate(recipe, k[..., 1:, :], positions, dtype=q.dtype)) <= F64_TOL

@@ -25,7 +25,7 @@ def make_rope(kind: str, dim: int = 16, n_axes: int = 2, **kwargs) -> ndrope.Rot
 
 def fresh_rotation(rope: ndrope.RotaryEmbedding, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The rotation recomputed from the module's current frequencies, bypassing anything it stores."""
-    return ndrope.cos_sin(ndrope.angles(positions, rope.freqs.detach(), dtype=torch.float32))
+    return ndrope.cos_sin(ndrope.angles(positions, rope.frequencies().detach(), dtype=torch.float32))
 
 
 class TestForward:
@@ -105,7 +105,10 @@ class TestReferenceTable:
     def test_is_not_saved(self):
         rope = ndrope.RotaryEmbedding(16, 2, reference_shape=(4, 4))
         assert rope.reference_cos is not None
-        assert rope.state_dict() == {}  # fixed axial frequencies and their table are recomputed
+        # fixed axial frequencies and their table are recomputed; the state dict only records the
+        # settings and frequencies to check a checkpoint against (see TestCheckpointSettings)
+        assert list(rope.state_dict()) == ["_extra_state"]
+        torch.testing.assert_close(rope.state_dict()["_extra_state"], ndrope.axial_frequencies(16, 2), atol=0, rtol=0)
         names = {name for name, _ in rope.named_buffers()}
         assert {"reference_cos", "reference_sin", "freqs"} <= names
 
@@ -115,9 +118,13 @@ class TestReferenceTable:
         rope.to(torch.float64)
         assert rope.reference_cos is not stale
         torch.testing.assert_close(rope.reference_cos.double(), fresh_rotation(rope, ndrope.grid((3, 3)))[0].double(), atol=1e-7, rtol=0)
-        rope.half()
-        assert torch.isfinite(rope.reference_cos).all() and rope.reference_cos.dtype != torch.float16
-        torch.testing.assert_close(rope.reference_cos.double(), fresh_rotation(rope, ndrope.grid((3, 3)))[0].double(), atol=1e-7, rtol=0)
+        torch.testing.assert_close(rope.rotation((3, 3), dtype=torch.float64)[0], fresh_rotation(rope, ndrope.grid((3, 3)))[0].double(), atol=1e-7, rtol=0)
+        rope.half()  # a rounded table is not used: the rotation is float32 and exact
+        cos, _ = rope.rotation((3, 3))
+        assert cos.dtype == torch.float32 and cos is not rope.reference_cos
+        torch.testing.assert_close(cos.double(), fresh_rotation(rope, ndrope.grid((3, 3)))[0].double(), atol=1e-7, rtol=0)
+        rope.reset_parameters()  # rebuilds the cache at float32
+        assert rope.reference_cos.dtype == torch.float32 and rope.rotation((3, 3))[0] is rope.reference_cos
         rope.to("meta")
         assert rope.reference_cos.device.type == "meta" and rope.freqs.device.type == "meta"
 
@@ -210,7 +217,7 @@ class TestResolutionModes:
         q, k = qk(16)
         torch.testing.assert_close(
             rope(q, k, (4, 4), mode="interpolate")[0],
-            ndrope.apply_rotary(q, rope.rotation((4, 4), mode="interpolate")),
+            ndrope.apply_rotary(q, rope.rotation((4, 4), mode="interpolate", dtype=q.dtype)),
             atol=0,
             rtol=0,
         )
@@ -230,7 +237,7 @@ class TestState:
         other = ndrope.RotaryEmbedding.mixed(16, 3, 4, generator=torch.Generator().manual_seed(1))
         other.load_state_dict(mixed.state_dict())
         torch.testing.assert_close(other.freqs, mixed.freqs, atol=0, rtol=0)
-        assert "freqs" not in ndrope.RotaryEmbedding(16, 2).state_dict()  # fixed axial tables are recomputed
+        assert "freqs" not in ndrope.RotaryEmbedding(16, 2).state_dict()  # fixed axial frequencies are recomputed
 
     def test_learnable_mixed_frequencies_train(self):
         rope = ndrope.RotaryEmbedding.mixed(16, 2, 2)
@@ -276,3 +283,145 @@ class TestModuleErrors:
             rope(q, k, torch.zeros(8, 3))
         with pytest.raises(ValueError, match=r"reference_shape=\(4,\) must have n_axes=2 sizes"):
             ndrope.RotaryEmbedding(16, 2, reference_shape=(4,))
+
+
+def angle_error(cos: torch.Tensor, sin: torch.Tensor, exact: torch.Tensor) -> float:
+    """Largest |angle - exact| (radians, modulo 2 pi) of a (cos, sin) table against float64 angles."""
+    difference = torch.atan2(sin.double(), cos.double()) - exact
+    return (torch.remainder(difference + torch.pi, 2 * torch.pi) - torch.pi).abs().max().item()
+
+
+def meta_then_materialised(build) -> torch.nn.Module:
+    """Lightning's / FSDP2's way: build on the meta device, allocate with to_empty, then reset_parameters."""
+    with torch.device("meta"):
+        module = build()
+    assert all(t.device.type == "meta" for t in (*module.parameters(), *module.buffers()))
+    module.to_empty(device="cpu")
+    module.reset_parameters()
+    return module
+
+
+BUILDERS = {
+    "axial": lambda: ndrope.RotaryEmbedding(16, 2, theta=100.0, reference_shape=(4, 4)),
+    "mixed": lambda: ndrope.RotaryEmbedding.mixed(16, 2, 3, generator=torch.Generator().manual_seed(0)),
+    # given frequencies stay where they are given: the module follows them to the default device
+    "given": lambda: ndrope.RotaryEmbedding.from_frequencies(
+        ndrope.axial_frequencies(16, 2, theta=7.0, device="cpu"), reference_shape=(4, 4), device=torch.get_default_device()
+    ),
+}
+
+
+class TestMetaDeviceInit:
+    @pytest.mark.parametrize("kind", list(BUILDERS))
+    def test_materialised_module_equals_the_eager_one(self, kind):
+        eager = BUILDERS[kind]()
+        for _ in range(2):  # twice: nothing is read from uninitialised memory
+            module = meta_then_materialised(BUILDERS[kind])
+            for grid in ((4, 4), (5, 3)):
+                torch.testing.assert_close(module.rotation(grid), eager.rotation(grid), atol=0, rtol=0)
+            torch.testing.assert_close(module.freqs, eager.freqs, atol=0, rtol=0)
+
+    def test_without_reset_the_table_is_garbage(self):
+        """The check above can fail: to_empty alone leaves the buffers uninitialised."""
+        with torch.device("meta"):
+            module = BUILDERS["axial"]()
+        module.to_empty(device="cpu")
+        module.freqs.fill_(123.0)  # what uninitialised memory may hold
+        module.reference_cos.fill_(7.0)
+        assert (module.rotation((4, 4))[0] - BUILDERS["axial"]().rotation((4, 4))[0]).abs().max() > 1
+
+    def test_frequencies_given_on_the_meta_device_cannot_be_reset(self):
+        module = ndrope.RotaryEmbedding.from_frequencies(torch.zeros(2, 4, device="meta"), learnable=True)
+        module.to_empty(device="cpu")
+        with pytest.raises(RuntimeError, match="meta device"):
+            module.reset_parameters()
+
+    def test_reset_restores_what_the_module_was_built_with(self):
+        module = BUILDERS["mixed"]()
+        built = module.freqs.detach().clone()
+        with torch.no_grad():
+            module.freqs.add_(1.0)  # a training step
+        module.reset_parameters()
+        torch.testing.assert_close(module.freqs.detach(), built, atol=0, rtol=0)
+
+
+class TestCheckpointSettings:
+    def test_frequencies_of_other_settings_are_refused_naming_them(self):
+        """A state dict of theta=100 loaded into a theta=10000 module used to load silently."""
+        trained = ndrope.RotaryEmbedding(16, 2, theta=100.0)
+        other = ndrope.RotaryEmbedding(16, 2, theta=10000.0)
+        with pytest.raises(ValueError, match=r"theta: checkpoint 100\.0, this module 10000\.0"):
+            other.load_state_dict(trained.state_dict())
+        split = ndrope.RotaryEmbedding(16, 2, theta=100.0, axis_dims=(3, 5))
+        with pytest.raises(ValueError, match=r"axis_dims: checkpoint \[4, 4\], this module \[3, 5\]"):
+            split.load_state_dict(trained.state_dict())
+        with pytest.raises(ValueError, match="theta"):  # inside a model, and with strict=False too
+            torch.nn.Sequential(other).load_state_dict(torch.nn.Sequential(trained).state_dict(), strict=False)
+
+    def test_same_settings_load_and_round_trip_through_torch_save(self, tmp_path):
+        trained = ndrope.RotaryEmbedding(16, 2, theta=100.0, reference_shape=(4, 4))
+        torch.save(trained.state_dict(), tmp_path / "rope.pt")
+        fresh = ndrope.RotaryEmbedding(16, 2, theta=100.0, reference_shape=(4, 4))
+        fresh.load_state_dict(torch.load(tmp_path / "rope.pt", weights_only=True))
+        torch.testing.assert_close(fresh.rotation((5, 5)), trained.rotation((5, 5)), atol=0, rtol=0)
+
+    def test_a_checkpoint_cast_to_bfloat16_still_loads(self):
+        """Checkpoints are often stored in bfloat16: the record is compared at its own precision."""
+        trained = ndrope.RotaryEmbedding(16, 2, theta=100.0)
+        halved = {key: value.to(torch.bfloat16) for key, value in trained.state_dict().items()}
+        ndrope.RotaryEmbedding(16, 2, theta=100.0).load_state_dict(halved)
+        with pytest.raises(ValueError, match="theta"):
+            ndrope.RotaryEmbedding(16, 2, theta=110.0).load_state_dict(halved)
+
+    def test_every_state_dict_value_is_a_tensor(self):
+        """safetensors (transformers' save_pretrained) and weights_only loading take tensors only."""
+        for build in BUILDERS.values():
+            assert all(isinstance(value, torch.Tensor) for value in build().state_dict().values())
+
+    def test_a_checkpoint_without_the_record_loads_unchecked(self):
+        """State dicts saved before the record existed (or by another library) still load strictly."""
+        module = ndrope.RotaryEmbedding(16, 2, theta=100.0)
+        module.load_state_dict({})
+        torch.nn.Sequential(module).load_state_dict({})
+
+
+class TestCasts:
+    """Angles stay exact to float32 precision under the casts users make (against float64)."""
+
+    CASTS = {
+        "bfloat16": lambda m: m.to(torch.bfloat16),
+        "half": lambda m: m.half(),
+        "fsdp_buffer_dtype": lambda m: [setattr(m, name, b.to(torch.bfloat16)) for name, b in list(m.named_buffers())] and m,
+    }
+
+    @pytest.mark.parametrize("cast", list(CASTS))
+    def test_fixed_frequencies_on_a_64x64_grid_and_1d_positions_to_1e5(self, cast):
+        image = self.CASTS[cast](ndrope.RotaryEmbedding(64, 2, theta=100.0, reference_shape=(64, 64)))
+        exact = ndrope.grid((64, 64), dtype=torch.float64) @ ndrope.axial_frequencies(64, 2, theta=100.0)
+        for grid in ((64, 64), (64, 64)):  # the reference grid (its table) and again
+            cos, sin = image.rotation(grid)
+            assert cos.dtype == torch.float32 and angle_error(cos, sin, exact) < 1e-6
+        text = self.CASTS[cast](ndrope.RotaryEmbedding(128, 1, theta=500000.0))
+        positions = torch.arange(0, 100_001, 7, dtype=torch.float32)[:, None]
+        cos, sin = text.rotation(positions)
+        assert angle_error(cos, sin, positions.double() @ ndrope.axial_frequencies(128, 1, theta=500000.0)) < 1e-6
+
+    def test_autocast_keeps_the_angles_exact(self):
+        rope = ndrope.RotaryEmbedding(128, 1, theta=500000.0)
+        positions = torch.arange(0, 100_001, 7, dtype=torch.float32)[:, None]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            cos, sin = rope.rotation(positions)
+        assert cos.dtype == torch.float32
+        assert angle_error(cos, sin, positions.double() @ ndrope.axial_frequencies(128, 1, theta=500000.0)) < 1e-6
+
+    @pytest.mark.parametrize("cast", ["bfloat16", "half"])
+    def test_learned_frequencies_follow_the_cast_with_their_gradient(self, cast):
+        """Parameters and gradients cast together (the gradient used to stay float32 beside a cast
+        parameter... or the reverse); the angles are exact for the parameter's values."""
+        rope = ndrope.RotaryEmbedding.mixed(16, 2, 2, generator=torch.Generator().manual_seed(0))
+        rope.rotation((8, 8))[0].sum().backward()
+        rope = self.CASTS[cast](rope)
+        assert rope.freqs.grad.dtype == rope.freqs.dtype == {"bfloat16": torch.bfloat16, "half": torch.float16}[cast]
+        cos, sin = rope.rotation((64, 64))
+        exact = (ndrope.grid((64, 64), dtype=torch.float64)[None] @ rope.freqs.detach().double())  # H, N, P
+        assert cos.dtype == torch.float32 and angle_error(cos, sin, exact) < 1e-6

@@ -402,7 +402,12 @@ class NDRopeVisionTransformer(VisionTransformer):
             positions = ndrope.augment_positions(
                 positions, shift=self.rope_shift, jitter=self.rope_jitter, rescale=self.rope_rescale
             )
-        cos, sin = self.rope.rotation(positions, mode=self.rope_resolution_mode, num_prefix_tokens=self.num_prefix_tokens)
+        cos, sin = self.rope.rotation(
+            positions,
+            mode=self.rope_resolution_mode,
+            num_prefix_tokens=self.num_prefix_tokens,
+            dtype=self.patch_embed.proj.weight.dtype,  # float64 tables for a float64 model
+        )
         if self.rope_attention_scale != 1.0:
             cos, sin = cos * self.rope_attention_scale, sin * self.rope_attention_scale
         if cos.dim() == 3 and cos.shape[0] == self.num_heads and len(self.blocks) > 1 and not self.rope.learnable:

@@ -1,0 +1,191 @@
+"""ndrope across processes: DTensor sharding rules (2 CPU processes, gloo) and context-parallel positions.
+
+The DTensor checks run in one spawned pair of processes (about 10 s): every case compares the sharded
+result, gathered, with the unsharded rotation, checks the output keeps x's placement, and counts the
+collectives the rotation issued (none).
+"""
+
+from __future__ import annotations
+
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.testing import assert_close
+
+import ndrope
+
+WORLD = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, port: int, check_name: str, errors) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        globals()[check_name]()
+    except BaseException:
+        errors.put((rank, traceback.format_exc()))
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_two_processes(check_name: str) -> None:
+    """Run the module-level function ``check_name`` on 2 gloo processes; fail with the ranks' tracebacks."""
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this torch build")
+    context = mp.get_context("spawn")
+    errors = context.SimpleQueue()
+    port = free_port()
+    processes = [context.Process(target=_rank_main, args=(rank, port, check_name, errors)) for rank in range(WORLD)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=300)
+    failures = []
+    while not errors.empty():
+        failures.append(errors.get())
+    assert not failures, "\n".join(f"rank {rank}:\n{text}" for rank, text in failures)
+    assert [process.exitcode for process in processes] == [0] * WORLD
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DTensor: run inside the spawned processes
+
+
+def dtensor_checks() -> None:
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor, init_device_mesh
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    torch.manual_seed(0)  # the same tensors on both ranks
+    B, H, N, D, P = 4, 2, 6, 8, 3  # partial rotation: 2P = 6 of D = 8 channels
+    x = torch.randn(B, H, N, D)
+    shared = torch.randn(N, P)  # angles shared by heads
+    per_head = torch.randn(H, N, P)
+    per_sample = torch.randn(B, 1, N, P)
+
+    def rotated(t: torch.Tensor, theta: torch.Tensor, layout: str) -> torch.Tensor:
+        return ndrope.apply_rotary(t, (theta.cos(), theta.sin()), layout=layout)
+
+    cases = [
+        # (x placement, angles, angles placement)
+        (Shard(0), shared, Replicate()),  # batch
+        (Shard(1), shared, Replicate()),  # heads
+        (Shard(2), shared, Replicate()),  # tokens, tables replicated: sliced locally
+        (Shard(2), shared, Shard(0)),  # tokens, tables sharded to match
+        (Shard(1), per_head, Shard(0)),  # per-head tables sharded with the heads
+        (Shard(0), per_sample, Shard(0)),
+        (Replicate(), shared, Replicate()),
+    ]
+    for layout in ("half", "interleaved"):
+        for placement, theta, table_placement in cases:
+            expected = rotated(x, theta, layout)
+            x_d = distribute_tensor(x, mesh, [placement])
+            cos_d = distribute_tensor(theta.cos(), mesh, [table_placement])
+            sin_d = distribute_tensor(theta.sin(), mesh, [table_placement])
+            with CommDebugMode() as comms:
+                out = ndrope.apply_rotary(x_d, (cos_d, sin_d), layout=layout)
+            where = f"x {placement}, tables {tuple(theta.shape)} {table_placement}, {layout}"
+            assert isinstance(out, DTensor), where
+            assert out.placements == (placement,), where
+            assert comms.get_total_counts() == 0, f"{where}: {comms.get_comm_counts()}"
+            assert_close(out.full_tensor(), expected, atol=1e-6, rtol=1e-6, msg=where)
+
+    # partial x (a sum over ranks) rotates to a partial output: the rotation is linear
+    part = torch.randn(B, H, N, D) * (dist.get_rank() + 1)
+    x_partial = DTensor.from_local(part, mesh, [Partial()])
+    replicated = [distribute_tensor(t, mesh, [Replicate()]) for t in (shared.cos(), shared.sin())]
+    out = ndrope.apply_rotary(x_partial, tuple(replicated))
+    assert out.placements == (Partial(),)
+    assert_close(out.full_tensor(), rotated(x_partial.full_tensor(), shared, "half"), atol=1e-5, rtol=1e-5)
+
+    # backward: grad_x keeps x's placement, the table gradients are the unsharded ones
+    for placement, theta, table_placement in cases[:5]:
+        x_ref, cos_ref, sin_ref = (t.clone().requires_grad_() for t in (x, theta.cos(), theta.sin()))
+        weight = torch.randn(B, H, N, D)
+        (ndrope.apply_rotary(x_ref, (cos_ref, sin_ref)) * weight).sum().backward()
+        x_d = distribute_tensor(x, mesh, [placement]).requires_grad_()
+        cos_d = distribute_tensor(theta.cos(), mesh, [table_placement]).requires_grad_()
+        sin_d = distribute_tensor(theta.sin(), mesh, [table_placement]).requires_grad_()
+        weight_d = distribute_tensor(weight, mesh, [placement])
+        (ndrope.apply_rotary(x_d, (cos_d, sin_d)) * weight_d).sum().backward()
+        where = f"backward: x {placement}, tables {tuple(theta.shape)} {table_placement}"
+        assert x_d.grad.placements == (placement,), where
+        assert_close(x_d.grad.full_tensor(), x_ref.grad, atol=1e-5, rtol=1e-5, msg=where)
+        assert_close(cos_d.grad.full_tensor(), cos_ref.grad, atol=1e-5, rtol=1e-5, msg=where)
+        assert_close(sin_d.grad.full_tensor(), sin_ref.grad, atol=1e-5, rtol=1e-5, msg=where)
+
+    # learned frequencies through RotaryEmbedding, q and k sharded on heads
+    rope = ndrope.RotaryEmbedding.mixed(D, 2, H, generator=torch.Generator().manual_seed(0))
+    q = torch.randn(B, H, 9, D)
+    q_d = distribute_tensor(q, mesh, [Shard(1)])
+    freqs_d = distribute_tensor(rope.freqs.detach(), mesh, [Shard(0)]).requires_grad_()
+    cos_d, sin_d = ndrope.cos_sin(ndrope.angles(distribute_tensor(ndrope.grid((3, 3)), mesh, [Replicate()]), freqs_d))
+    out = ndrope.apply_rotary(q_d, (cos_d, sin_d))
+    assert out.placements == (Shard(1),)
+    reference_q, _ = rope(q, q, (3, 3))
+    assert_close(out.full_tensor(), reference_q, atol=1e-5, rtol=1e-5)
+
+    # x sharded on the channel pairs: a clear error naming the placement, not an all-gather
+    x_bad = distribute_tensor(x, mesh, [Shard(3)])
+    cos_r, sin_r = (distribute_tensor(t, mesh, [Replicate()]) for t in (shared.cos(), shared.sin()))
+    try:
+        with CommDebugMode() as comms:
+            ndrope.apply_rotary(x_bad, (cos_r, sin_r))
+    except Exception as error:  # DTensor may wrap the rule's ValueError
+        text = f"{error} {error.__cause__}"
+        assert "sharded on its last dim" in text and "Shard(dim=3)" in text, text
+        assert comms.get_total_counts() == 0
+    else:
+        raise AssertionError("x sharded on its last dim was served")
+
+
+def test_dtensor_rotation_keeps_the_placement_without_communication():
+    run_on_two_processes("dtensor_checks")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Context parallelism: each rank holds a slice of the sequence, positions stay global
+
+
+def load_balanced_split(n_tokens: int, ranks: int) -> list[torch.Tensor]:
+    """Token indices per rank for causal load balancing: 2 * ranks chunks, rank r takes chunks r and
+    2 * ranks - 1 - r (the reordering torch's context_parallel and Megatron use)."""
+    chunks = torch.arange(n_tokens).chunk(2 * ranks)
+    return [torch.cat((chunks[r], chunks[2 * ranks - 1 - r])) for r in range(ranks)]
+
+
+@pytest.mark.parametrize("split", ["contiguous", "load_balanced"])
+@pytest.mark.parametrize("grid_shape", [(64,), (4, 8), (2, 4, 4)])
+def test_context_parallel_shards_with_global_positions_equal_the_whole_sequence(split, grid_shape):
+    """A sequence split over ranks (in order, or reordered for causal load balance) rotates exactly as
+    the unsplit one when each rank passes the global positions of its own tokens."""
+    torch.manual_seed(0)
+    rope = ndrope.RotaryEmbedding(16, n_axes=len(grid_shape), theta=100.0)
+    positions = ndrope.grid(grid_shape)  # (N, A): global positions of the whole sequence
+    n = positions.shape[0]
+    q, k = torch.randn(2, 3, n, 16), torch.randn(2, 3, n, 16)
+    whole_q, whole_k = rope(q, k, positions)
+    shards = list(torch.arange(n).chunk(WORLD)) if split == "contiguous" else load_balanced_split(n, WORLD)
+    assert torch.equal(torch.cat(shards).sort().values, torch.arange(n))
+    for index in shards:  # what each rank computes from its local tokens
+        local_q, local_k = rope(q[:, :, index], k[:, :, index], positions[index])
+        assert torch.equal(local_q, whole_q[:, :, index]) and torch.equal(local_k, whole_k[:, :, index])
+
+
+def test_context_parallel_without_positions_would_be_wrong():
+    """The check above can fail: a rank that positions its slice from 0 gets a different rotation."""
+    rope = ndrope.RotaryEmbedding(16, n_axes=1)
+    q = torch.randn(1, 1, 32, 16)
+    whole, _ = rope(q, q, (32,))
+    second_half, _ = rope(q[:, :, 16:], q[:, :, 16:], (16,))  # local positions 0..15
+    assert (second_half - whole[:, :, 16:]).abs().max() > 0.1
