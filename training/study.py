@@ -197,7 +197,7 @@ def run_study(
             in ``variant_net_args``.
         eval_resolutions: test resolutions (multiples of the patch size).
         seeds: one run per variant and seed; the report gives mean ± sample std over seeds.
-        resolution_modes: test RoPE variants once per `vit.set_resolution_mode` mode (rows
+        resolution_modes: test RoPE variants once per `NDRopeVisionTransformer.set_resolution_mode` mode (rows
             "rope_axial (interpolate)", ...); None tests once with the model's default.
         eval_protocols: how test images reach each resolution ("zoom": resized; "canvas": unscaled on a
             blank canvas), see `training.transforms.EvalProtocol`.
