@@ -11,6 +11,7 @@ Shape alphabet: B batch, H heads, N tokens (prefix + patches), D channels per he
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -124,8 +125,11 @@ class RopeAttention(nn.Module):
 class RopeBlock(Block):
     """timm's pre-norm `Block` whose attention receives the per-forward ``rope`` and ``attn_mask``.
 
-    Build it with ``attn_layer=RopeAttention`` (or a subclass); `NDRopeVisionTransformer` does.
+    Takes timm's `Block` arguments; ``attn_layer`` defaults to `RopeAttention` (or give a subclass).
     """
+
+    def __init__(self, *args: Any, attn_layer: type[RopeAttention] = RopeAttention, **kwargs: Any) -> None:
+        super().__init__(*args, attn_layer=attn_layer, **kwargs)
 
     def forward(
         self, x: Tensor, rope: Rotation | None = None, attn_mask: Tensor | None = None, is_causal: bool = False
