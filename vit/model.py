@@ -31,12 +31,12 @@ from ndrope.modules import RESOLUTION_MODES, ResolutionMode
 from .attention import RopeAttention, RopeBlock
 from .patch_embed import PatchEmbed2d, PatchEmbedND
 from .pos_embed import BINARY_BITS, AlibiBias, FixedPosEmbed, IntegerNorm, resample_pos_embed
-from .rope import DEFAULT_RESOLUTION_MODE, VisionRecipe, create_rope, keep_tokens
+from .rope import DEFAULT_RESOLUTION_MODE, RopeKind, VisionRecipe, create_rope, keep_tokens
 
 
 class _Encoding(NamedTuple):
     absolute: str | None  # "learned", "sincos", "integer", "binary": a table added to the patch tokens
-    rope: Literal["axial", "mixed"] | None  # fixed frequencies shared by the blocks, or learned per block
+    rope: RopeKind | None  # fixed frequencies shared by the blocks, or learned per block
     alibi: bool  # a distance bias on the attention logits
 
 
@@ -88,10 +88,10 @@ def _check_timm_keywords(kwargs: dict[str, Any]) -> None:
         if get_origin(annotation) is Literal:  # global_pool, weight_init
             check_choice(name, value, annotation)
     check_int("reg_tokens", kwargs.get("reg_tokens", 0), minimum=0)
-    for name, upper in (("patch_drop_rate", "1)"), ("drop_path_rate", "1]")):
-        rate = check_number(name, kwargs.get(name, 0.0), minimum=0.0, inclusive=True)
-        if rate > 1.0 or (rate == 1.0 and upper == "1)"):
-            raise ValueError(f"{name}={kwargs[name]!r} must be a probability in [0, {upper}")
+    if check_number("patch_drop_rate", kwargs.get("patch_drop_rate", 0.0), minimum=0.0, inclusive=True) >= 1.0:
+        raise ValueError(f"patch_drop_rate={kwargs['patch_drop_rate']!r} must be in [0, 1): the fraction of patches dropped")
+    if check_number("drop_path_rate", kwargs.get("drop_path_rate", 0.0), minimum=0.0, inclusive=True) > 1.0:
+        raise ValueError(f"drop_path_rate={kwargs['drop_path_rate']!r} must be a probability in [0, 1]")
 
 
 def _take_indices(depth: int, indices: int | Sequence[int] | None) -> list[int]:
