@@ -14,7 +14,7 @@ import ndrope._ops
 
 from .timing import measure
 
-# name: (create_vit kwargs, batch size). Tiny-ish on 32px images, and ViT-S/16 at 224.
+# name: (NDRopeVisionTransformer kwargs, batch size). Tiny-ish on 32px images, and ViT-S/16 at 224.
 CONFIGS: dict[str, tuple[dict[str, int], int]] = {
     "tiny-32px": (dict(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3, num_classes=10), 64),
     "small-224": (dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6, num_classes=1000), 8),
@@ -70,7 +70,7 @@ def run(configs: Sequence[str], repeats: int) -> list[dict[str, Any]]:
         steps, counts = {}, {}
         for pos_embed in POS_EMBEDS:
             torch.manual_seed(0)
-            model = vit.create_vit(pos_embed=pos_embed, **model_args).train()
+            model = vit.NDRopeVisionTransformer(pos_embed, **model_args).train()
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
             def step(model=model, optimizer=optimizer, images=images, labels=labels) -> torch.Tensor:

@@ -10,11 +10,11 @@ motion happens orders the pair: without positions a model can at best tell the t
 and guess their order (about 62.5%). Training clips use the training images, evaluation clips the
 test images (never seen garments); everything is generated from fixed seeds.
 
-`vit.create_vit(pos_embed, ndim=3, img_size=(T, S, S), patch_size=(2, p, p))` is trained with
+`vit.NDRopeVisionTransformer(pos_embed, ndim=3, img_size=(T, S, S), patch_size=(2, p, p))` is trained with
 ``pos_embed`` in {learned, rope_axial, rope_mixed, none} (same budget, batches and seed), then
 evaluated at the training size, at 2x and 4x more frames (temporal extrapolation; the turn is still
 half-way) and at larger frames (same garment size and speed, so motion is the same in pixels). RoPE
-models are evaluated with each `vit.set_resolution_mode` mode: ``interpolate`` (positions rescaled
+models are evaluated with each `model.set_resolution_mode` mode: ``interpolate`` (positions rescaled
 onto the training grid), ``extrapolate`` (integer indices) and ``ntk``.
 Tokens are tubelets of 2 frames x p x p pixels (as ViViT / VideoMAE use): with 1-frame patches this
 small model did not leave chance level (loss 2.09 vs ln 8 = 2.08 after 200 of 400 steps, on an earlier
@@ -176,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         per_seed: dict[str, list[list[float]]] = {mode: [] for mode in modes}  # mode -> per seed, per column
         for seed in args.seeds:
             torch.manual_seed(seed)
-            model = vit.create_vit(
+            model = vit.NDRopeVisionTransformer(
                 pos_embed,
                 ndim=3,
                 img_size=(args.frames, args.size, args.size),
@@ -193,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                   log_every=max(1, args.steps // 4), name=f"{pos_embed}/{seed}")  # fmt: skip
             for mode in modes:
                 if mode != "-":
-                    vit.set_resolution_mode(model, mode)
+                    model.set_resolution_mode(mode)
                 scores = [accuracy(model, *eval_sets[label], batch=64) for label, _, _ in settings]
                 per_seed[mode].append(scores)
                 print(f"  [{pos_embed}/{mode}/{seed}] {time.perf_counter() - t0:.0f}s {[round(v, 1) for v in scores]}")
@@ -225,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         f"built from Fashion-MNIST *test* garments. Each model trained {args.steps} steps x {args.batch} clips "
         f"(T={args.frames}, S={args.size}, garment {args.garment}px, speeds {list(SPEEDS)} px/frame, patch "
         f"{args.tubelet}x{args.patch}x{args.patch}), seeds {args.seeds} (mean shown). `mode` is the RoPE coordinate rule at "
-        "other grids (`vit.set_resolution_mode`); `learned` is resampled to the new grid by timm."
+        "other grids (`model.set_resolution_mode`); `learned` is resampled to the new grid by timm."
     )
     wall = time.perf_counter() - start
     command = command_line("examples.video", argv)

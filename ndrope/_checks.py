@@ -38,7 +38,11 @@ def check_even_dim(name: str, value: Any) -> int:
 
 
 def check_number(name: str, value: Any, *, minimum: float | None = 0.0, inclusive: bool = False) -> float:
-    """A finite real number, > ``minimum`` (>= with ``inclusive``; any finite number when minimum is None)."""
+    """A finite real number, > ``minimum`` (>= with ``inclusive``; any finite number when minimum is None).
+    Skipped while tracing: under ``torch.compile(dynamic=True)`` Python floats become symbolic, and
+    ``math.isfinite`` of one is a graph break."""
+    if torch.compiler.is_compiling():
+        return value
     bound = "" if minimum is None else (f" >= {minimum}" if inclusive else f" > {minimum}")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name}={value!r} must be a finite number{bound}")

@@ -18,7 +18,7 @@ x4 = torch.randn(1, 2, 16, 8)
 cs = ndrope.cos_sin(ndrope.angles(ndrope.grid((4, 4)), ndrope.axial_frequencies(8, 2)))
 F2 = ndrope.axial_frequencies(8, 2)
 SMALL = dict(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, num_classes=3)
-model = vit.create_vit("rope_axial", **SMALL)
+model = vit.NDRopeVisionTransformer("rope_axial", **SMALL)
 image = torch.randn(2, 3, 16, 16)
 
 CASES: list[tuple[str, Callable[[], object], str]] = [
@@ -92,23 +92,24 @@ CASES: list[tuple[str, Callable[[], object], str]] = [
     ("module 4D freqs", lambda: ndrope.RotaryEmbedding.from_frequencies(torch.zeros(1, 1, 2, 4)), "freqs must be a floating (A, P) or (H, A, P)"),
     ("module learnable not bool", lambda: ndrope.RotaryEmbedding.from_frequencies(F2, learnable="yes"), "learnable='yes'"),
     # vit construction
-    ("pos_embed typo", lambda: vit.create_vit("rope", **SMALL), "pos_embed='rope'"),
-    ("global_pool typo", lambda: vit.create_vit("learned", global_pool="maxx", **SMALL), "global_pool='maxx'"),
-    ("img_size not a multiple", lambda: vit.create_vit("learned", **dict(SMALL, img_size=18)), "img_size=(18, 18)"),
-    ("embed_dim not divisible", lambda: vit.create_vit("learned", **dict(SMALL, num_heads=3)), "embed_dim=32 must be divisible by num_heads=3"),
-    ("head_dim too small for RoPE", lambda: vit.create_vit("rope_axial", ndim=3, **dict(SMALL, embed_dim=8, num_heads=2, img_size=8)), "head_dim"),
-    ("resolution mode typo", lambda: vit.create_vit("rope_axial", rope_resolution_mode="zoom", **SMALL), "rope_resolution_mode='zoom'"),
-    ("negative rope_shift", lambda: vit.create_vit("rope_axial", rope_shift=-1.0, **SMALL), "rope_shift=-1.0"),
-    ("rope_theta zero", lambda: vit.create_vit("rope_axial", rope_theta=0.0, **SMALL), "rope_theta=0.0"),
-    ("negative reg_tokens", lambda: vit.create_vit("learned", reg_tokens=-1, **SMALL), "reg_tokens=-1"),
-    ("patch_drop_rate 1.5", lambda: vit.create_vit("learned", patch_drop_rate=1.5, **SMALL), "patch_drop_rate=1.5"),
-    ("drop_rate 2", lambda: vit.create_vit("learned", drop_rate=2, **SMALL), "drop_rate=2"),
-    ("weight_init typo", lambda: vit.create_vit("learned", weight_init="xavier", **SMALL), "weight_init='xavier'"),
-    ("dynamic_img_size given", lambda: vit.create_vit("learned", dynamic_img_size=False, **SMALL), "dynamic_img_size"),
-    ("block_fn of another kind", lambda: vit.create_vit("learned", block_fn=torch.nn.Identity, **SMALL), "block_fn="),
-    ("rope_recipe on learned", lambda: vit.create_vit("learned", rope_recipe="dinov3", **SMALL), "rope_recipe needs a RoPE pos_embed"),
-    ("set_resolution_mode typo", lambda: vit.set_resolution_mode(model, "zoom"), "mode='zoom'"),
-    ("set_resolution_mode on a non-vit", lambda: vit.set_resolution_mode(torch.nn.Linear(2, 2), "interpolate"), "contains no NDRopeVisionTransformer"),
+    ("pos_embed typo", lambda: vit.NDRopeVisionTransformer("rope", **SMALL), "pos_embed='rope'"),
+    ("global_pool typo", lambda: vit.NDRopeVisionTransformer("learned", global_pool="maxx", **SMALL), "global_pool='maxx'"),
+    ("img_size not a multiple", lambda: vit.NDRopeVisionTransformer("learned", **dict(SMALL, img_size=18)), "img_size=(18, 18)"),
+    ("embed_dim not divisible", lambda: vit.NDRopeVisionTransformer("learned", **dict(SMALL, num_heads=3)), "embed_dim=32 must be divisible by num_heads=3"),
+    ("head_dim too small for RoPE", lambda: vit.NDRopeVisionTransformer("rope_axial", ndim=3, **dict(SMALL, embed_dim=8, num_heads=2, img_size=8)), "head_dim"),
+    ("resolution mode typo", lambda: vit.NDRopeVisionTransformer("rope_axial", rope_resolution_mode="zoom", **SMALL), "rope_resolution_mode='zoom'"),
+    ("negative rope_shift", lambda: vit.NDRopeVisionTransformer("rope_axial", rope_shift=-1.0, **SMALL), "rope_shift=-1.0"),
+    ("rope_theta zero", lambda: vit.NDRopeVisionTransformer("rope_axial", rope_theta=0.0, **SMALL), "rope_theta=0.0"),
+    ("negative reg_tokens", lambda: vit.NDRopeVisionTransformer("learned", reg_tokens=-1, **SMALL), "reg_tokens=-1"),
+    ("patch_drop_rate 1.5", lambda: vit.NDRopeVisionTransformer("learned", patch_drop_rate=1.5, **SMALL), "patch_drop_rate=1.5"),
+    ("drop_rate 2", lambda: vit.NDRopeVisionTransformer("learned", drop_rate=2, **SMALL), "dropout probability has to be between 0 and 1, but got 2"),
+    ("weight_init typo", lambda: vit.NDRopeVisionTransformer("learned", weight_init="xavier", **SMALL), "weight_init='xavier'"),
+    ("dynamic_img_size given", lambda: vit.NDRopeVisionTransformer("learned", dynamic_img_size=False, **SMALL), "dynamic_img_size"),
+    ("block_fn of another kind", lambda: vit.NDRopeVisionTransformer("learned", block_fn=torch.nn.Identity, **SMALL), "block_fn="),
+    ("rope_recipe on learned", lambda: vit.NDRopeVisionTransformer("learned", rope_recipe="dinov3", **SMALL), "rope_recipe needs a RoPE pos_embed"),
+    ("set_resolution_mode typo", lambda: model.set_resolution_mode("zoom"), "mode='zoom'"),
+    ("set_resolution_mode without RoPE", lambda: vit.NDRopeVisionTransformer("learned", **SMALL).set_resolution_mode("interpolate"), "does not apply to pos_embed='learned'"),
+    ("resolution mode with a recipe", lambda: vit.NDRopeVisionTransformer("rope_axial", rope_recipe="dinov3", rope_resolution_mode="ntk", **SMALL), "rope_resolution_mode='ntk' does not apply"),
     # vit forward
     ("empty batch", lambda: model(image[:0]), "a batch of 0 samples"),
     ("empty axis", lambda: model(torch.randn(2, 3, 0, 16)), "has an empty axis"),

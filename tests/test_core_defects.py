@@ -34,7 +34,7 @@ class TestTrainingAfterInference:
         import vit
 
         torch.manual_seed(0)
-        return vit.create_vit("rope_axial", img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2, num_classes=3)
+        return vit.NDRopeVisionTransformer("rope_axial", img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2, num_classes=3)
 
     def test_inference_then_training(self):
         m = self.model()

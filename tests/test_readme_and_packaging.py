@@ -66,7 +66,7 @@ def test_readme_attention_example_runs_at_two_grids():
 
 
 def test_readme_vit_example_runs():
-    block = next(b for b in readme_python_blocks() if "vit.create_vit" in b)
+    block = next(b for b in readme_python_blocks() if "vit.NDRopeVisionTransformer(" in b)
     namespace: dict = {}
     exec(block, namespace)
     assert namespace["model"](torch.randn(1, 3, 24, 24)).shape == (1, 10)

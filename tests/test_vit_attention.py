@@ -76,6 +76,26 @@ class TestRopeAttention:
         expected = v[:, :, 4:5].expand(-1, -1, TOKENS, -1).transpose(1, 2).reshape(2, TOKENS, DIM)
         assert_close(module(tokens(), attn_mask=bias), module.proj(expected), atol=1e-12, rtol=1e-12)
 
+    @param("fused", [True, False])
+    def test_causal_is_an_upper_triangular_mask(self, fused):
+        module = attention()
+        module.fused_attn = fused
+        future = torch.full((TOKENS, TOKENS), float("-inf"), dtype=torch.float64).triu(1)
+        bias = -torch.rand(HEADS, TOKENS, TOKENS, dtype=torch.float64)
+        rope = rotation(False)
+        assert_close(module(tokens(), rope=rope, is_causal=True), module(tokens(), rope=rope, attn_mask=future), atol=1e-12, rtol=1e-12)
+        combined = module(tokens(), attn_mask=bias, is_causal=True)
+        assert_close(combined, module(tokens(), attn_mask=bias + future), atol=1e-12, rtol=1e-12)
+
+    @param("fused", [True, False])
+    def test_bool_mask_means_may_attend(self, fused):
+        module = attention()
+        module.fused_attn = fused
+        allowed = torch.rand(TOKENS, TOKENS, generator=torch.Generator().manual_seed(2)) > 0.3
+        allowed.fill_diagonal_(True)
+        additive = torch.zeros(TOKENS, TOKENS, dtype=torch.float64).masked_fill(~allowed, float("-inf"))
+        assert_close(module(tokens(), attn_mask=allowed), module(tokens(), attn_mask=additive), atol=1e-12, rtol=1e-12)
+
     def test_bias_follows_the_dtype_of_q(self):
         module = attention().float()
         bias = -torch.rand(HEADS, TOKENS, TOKENS)
@@ -91,6 +111,9 @@ class TestRopeBlock:
         theirs = Block(DIM, HEADS, qkv_bias=True).double().eval()
         theirs.load_state_dict(ours.state_dict())
         assert_close(ours(tokens()), theirs(tokens()), atol=1e-12, rtol=1e-12)
+
+    def test_its_attention_is_rope_attention_by_default(self):
+        assert isinstance(RopeBlock(DIM, HEADS).attn, RopeAttention)
 
     def test_passes_rotation_and_bias_to_its_attention(self):
         torch.manual_seed(0)

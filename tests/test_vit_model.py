@@ -13,7 +13,7 @@ from torch.testing import assert_close
 
 import ndrope
 import vit
-from vit import POS_EMBED_CHOICES, create_vit
+from vit import POS_EMBED_CHOICES, NDRopeVisionTransformer
 
 param = pytest.mark.parametrize
 TINY = dict(img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=3, num_classes=5)
@@ -24,7 +24,7 @@ SIZES = ((24, 24), (32, 32), (48, 48), (64, 64), (24, 40))
 
 def tiny(pos_embed: str, seed: int = 0, **overrides) -> vit.NDRopeVisionTransformer:
     torch.manual_seed(seed)
-    return create_vit(pos_embed, **{**TINY, **overrides}).eval()
+    return NDRopeVisionTransformer(pos_embed, **{**TINY, **overrides}).eval()
 
 
 def images(*size: int, batch: int = 2, channels: int = 3, seed: int = 1, dtype=torch.float32) -> torch.Tensor:
@@ -144,7 +144,7 @@ class TestResolutionMode:
         model = tiny(pos_embed)
         outputs = {}
         for mode in ndrope.RESOLUTION_MODES:
-            vit.set_resolution_mode(model, mode)
+            model.set_resolution_mode(mode)
             outputs[mode] = (model(images(32, 32)), model(images(64, 64)))
         for mode in ("interpolate", "ntk"):
             assert_close(outputs[mode][0], outputs["extrapolate"][0], atol=1e-6, rtol=1e-6)
@@ -164,20 +164,34 @@ class TestResolutionMode:
     def test_constructor_argument_equals_setter(self, mode):
         built = tiny("rope_mixed", rope_resolution_mode=mode)
         switched = tiny("rope_mixed")
-        vit.set_resolution_mode(switched, mode)
+        switched.set_resolution_mode(mode)
         assert built.rope_resolution_mode == switched.rope_resolution_mode == mode
         assert_close(built(images(48, 48)), switched(images(48, 48)), atol=0, rtol=0)
 
-    def test_setter_reaches_models_inside_other_modules(self):
-        wrapper = nn.ModuleDict({"backbone": tiny("rope_axial"), "other": nn.Linear(2, 2)})
-        vit.set_resolution_mode(wrapper, "ntk")
-        assert wrapper["backbone"].rope_resolution_mode == "ntk"
-        with pytest.raises(TypeError, match="Linear"):
-            vit.set_resolution_mode(nn.Linear(2, 2), "ntk")
+    def test_the_setter_is_the_only_way_to_change_it(self):
+        model = tiny("rope_axial")
+        with pytest.raises(AttributeError):
+            model.rope_resolution_mode = "ntk"
+        assert model.rope_resolution_mode == vit.DEFAULT_RESOLUTION_MODE
+        assert not hasattr(vit, "set_resolution_mode") and not hasattr(vit, "create_vit")
 
     def test_default_is_the_module_constant(self):
         assert tiny("rope_axial").rope_resolution_mode == vit.DEFAULT_RESOLUTION_MODE
-        assert tiny("learned").rope_resolution_mode == vit.DEFAULT_RESOLUTION_MODE
+        assert tiny("rope_axial+learned").rope_resolution_mode == vit.DEFAULT_RESOLUTION_MODE
+
+    @param("pos_embed", ["learned", "sincos", "alibi", "none"])
+    def test_a_model_without_rope_has_no_mode_to_set(self, pos_embed):
+        model = tiny(pos_embed)
+        assert model.rope_resolution_mode is None and vit.applicable_resolution_modes(pos_embed) == ()
+        with pytest.raises(ValueError, match=rf"rope_resolution_mode='ntk' does not apply to pos_embed='{pos_embed}': it has no RoPE"):
+            model.set_resolution_mode("ntk")
+        with pytest.raises(ValueError, match="rope_resolution_mode='extrapolate' does not apply"):
+            tiny(pos_embed, rope_resolution_mode="extrapolate")
+
+    @param("pos_embed", ROPE_CHOICES)
+    def test_every_mode_applies_to_rope_on_grid_indices(self, pos_embed):
+        assert vit.applicable_resolution_modes(pos_embed) == ndrope.RESOLUTION_MODES
+        assert vit.applicable_resolution_modes(pos_embed, rope_recipe="dinov3") == ()
 
 
 class TestRopeAugmentation:
@@ -427,10 +441,30 @@ class TestIntermediates:
         assert maps.shape == (2, 48, 2, 4, 4)
 
 
+class TestTimmKeywords:
+    """Every timm keyword that is true of the model passes through to timm; only what is not true is refused."""
+
+    def test_dynamic_img_size_true_is_what_the_model_does(self):
+        model = tiny("rope_axial", dynamic_img_size=True)
+        assert model.dynamic_img_size and model(images(48, 40)).shape == (2, 5)
+
+    @param("global_pool", ["prr", "map", "avgmax"])
+    def test_every_timm_global_pool(self, global_pool):
+        model = tiny("rope_mixed", global_pool=global_pool)
+        assert model.global_pool == global_pool and model(images(40, 32)).shape == (2, 5)
+
+    def test_other_timm_keywords_reach_timm(self):
+        model = tiny("learned", fix_init=True, pool_include_prefix=True, global_pool="avg", scale_attn_norm=True)
+        assert model.pool_include_prefix and not isinstance(model.blocks[0].attn.norm, nn.Identity)
+        reference = timm.create_model("vit_tiny_patch16_224", **TINY, fix_init=True, pool_include_prefix=True, global_pool="avg", scale_attn_norm=True)
+        model.load_state_dict(reference.eval().state_dict())  # strict: same parameters as timm's
+        assert_close(model(images(32, 32)), reference(images(32, 32)), atol=1e-6, rtol=1e-6)
+
+
 class TestErrors:
     def test_unknown_pos_embed(self):
         with pytest.raises(ValueError, match=r"pos_embed='rope_2d'.*'rope_axial'"):
-            create_vit("rope_2d", **TINY)
+            NDRopeVisionTransformer("rope_2d", **TINY)
 
     def test_size_not_a_multiple_of_the_patch(self):
         with pytest.raises(ValueError, match=r"\(33, 32\).*patch_size=\(4, 4\).*\(32, 32\)"):
@@ -450,34 +484,34 @@ class TestErrors:
 
     def test_unknown_resolution_mode(self):
         with pytest.raises(ValueError, match="mode='stretch'.*'interpolate'"):
-            vit.set_resolution_mode(tiny("rope_axial"), "stretch")
+            tiny("rope_axial").set_resolution_mode("stretch")
         with pytest.raises(ValueError, match="rope_resolution_mode='stretch'"):
             tiny("rope_axial", rope_resolution_mode="stretch")
 
     def test_construction_errors(self):
         with pytest.raises(ValueError, match=r"img_size=\(30, 30\).*patch_size=\(4, 4\)"):
-            create_vit("learned", **{**TINY, "img_size": 30})
+            NDRopeVisionTransformer("learned", **{**TINY, "img_size": 30})
         with pytest.raises(ValueError, match=r"img_size=\(8, 32\) must have ndim=3"):
-            create_vit("learned", **{**TINY, "ndim": 3, "img_size": (8, 32)})
+            NDRopeVisionTransformer("learned", **{**TINY, "ndim": 3, "img_size": (8, 32)})
         with pytest.raises(ValueError, match="head_dim = embed_dim // num_heads = 11 must be even"):
-            create_vit("rope_axial", **{**TINY, "embed_dim": 33})
+            NDRopeVisionTransformer("rope_axial", **{**TINY, "embed_dim": 33})
         with pytest.raises(ValueError, match="embed_dim=50 must be divisible by num_heads=3"):
-            create_vit("none", **{**TINY, "embed_dim": 50})
-        with pytest.raises(TypeError, match="dynamic_img_size"):  # always on: not an argument
-            create_vit("learned", dynamic_img_size=False, **TINY)
+            NDRopeVisionTransformer("none", **{**TINY, "embed_dim": 50})
+        with pytest.raises(ValueError, match="dynamic_img_size=False: .*only dynamic_img_size=True"):
+            NDRopeVisionTransformer("learned", dynamic_img_size=False, **TINY)
         with pytest.raises(ValueError, match=r"global_pool='maxx' is not supported; choose one of \['', 'avg'"):
-            create_vit("learned", **{**TINY, "global_pool": "maxx"})
+            NDRopeVisionTransformer("learned", **{**TINY, "global_pool": "maxx"})
         with pytest.raises(ValueError, match=r"weight_init='xavier'"):
-            create_vit("learned", weight_init="xavier", **TINY)
+            NDRopeVisionTransformer("learned", weight_init="xavier", **TINY)
         for name, value in (("rope_shift", -1.0), ("rope_jitter", 0.5), ("rope_rescale", float("nan"))):
             with pytest.raises(ValueError, match=rf"{name.split('_')[1]}=.*must be a finite number >="):
-                create_vit("rope_axial", **{name: value}, **TINY)
+                NDRopeVisionTransformer("rope_axial", **{name: value}, **TINY)
         with pytest.raises(ValueError, match="attn_layer=.*RopeAttention"):
-            create_vit("learned", attn_layer=timm.layers.Attention, **TINY)
+            NDRopeVisionTransformer("learned", attn_layer=timm.layers.Attention, **TINY)
         with pytest.raises(ValueError, match="ndim=0"):
-            create_vit("learned", ndim=0, **TINY)
+            NDRopeVisionTransformer("learned", ndim=0, **TINY)
         with pytest.raises(ValueError, match="integer_norm='mean'"):
-            create_vit("integer", integer_norm="mean", **TINY)
+            NDRopeVisionTransformer("integer", integer_norm="mean", **TINY)
 
     @param("pos_embed", ["rope_axial", "learned"])
     def test_empty_batch_or_axis(self, pos_embed):
@@ -517,7 +551,7 @@ class TestErrors:
         [
             ("reg_tokens", -1),
             ("patch_drop_rate", 1.5),
-            ("drop_rate", 2.0),
+            ("drop_path_rate", 2.0),
             ("rope_theta", 0.0),
             ("rope_shift", -1.0),
             ("rope_jitter", 0.5),
@@ -526,11 +560,17 @@ class TestErrors:
     )
     def test_bad_numbers_name_the_vit_argument(self, name, value):
         with pytest.raises(ValueError, match=rf"\b{name}={value!r}"):
-            create_vit("rope_axial", **{**TINY, name: value})
+            NDRopeVisionTransformer("rope_axial", **{**TINY, name: value})
 
     def test_unknown_global_pool(self):
         with pytest.raises(ValueError, match=r"global_pool='maxx' is not supported"):
-            create_vit("rope_axial", **{**TINY, "global_pool": "maxx"})
+            NDRopeVisionTransformer("rope_axial", **{**TINY, "global_pool": "maxx"})
+
+    @param("name", ["drop_rate", "pos_drop_rate", "proj_drop_rate", "attn_drop_rate"])
+    def test_torch_names_a_bad_dropout_rate(self, name):
+        """timm's dropout rates reach torch's Dropout, whose ValueError gives the value and the range."""
+        with pytest.raises(ValueError, match=r"dropout probability has to be between 0 and 1, but got 2.0"):
+            NDRopeVisionTransformer("rope_axial", **{**TINY, name: 2.0})
 
     def test_bad_output_format(self):
         with pytest.raises(ValueError, match="output_fmt='NHWC'"):
@@ -553,6 +593,26 @@ def test_compile_fullgraph_equals_eager(pos_embed):
     model(x).square().sum().backward()
     for name, p in model.named_parameters():
         assert_close(grads[name], p.grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@param("pos_embed", ROPE_CHOICES)
+def test_compile_with_dynamic_shapes_serves_every_resolution(pos_embed):
+    """torch.compile(fullgraph=True, dynamic=True): no graph break, eager's outputs at three grids, and
+    at most one recompilation after the first graph (the grid stays symbolic; a square first input
+    makes torch assume h == w once)."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def count_graphs(graph: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(graph)
+        return graph.forward
+
+    model = tiny(pos_embed, depth=1)
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend=count_graphs)
+    for size in ((32, 32), (48, 40), (64, 56)):
+        x = images(*size)
+        assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5, msg=f"{pos_embed} at {size}")
+    assert len(graphs) <= 2, f"{len(graphs)} graphs for 3 resolutions"
 
 
 @pytest.mark.slow

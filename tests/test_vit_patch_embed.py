@@ -1,4 +1,4 @@
-"""PatchEmbedND: the Linear is the strided ConvNd, token order is row-major over the grid."""
+"""PatchEmbed2d is timm's PatchEmbed; PatchEmbedND: the Linear is the strided ConvNd, token order is row-major over the grid."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from torch.testing import assert_close
 
-from vit import PatchEmbedND
+from vit import PatchEmbed2d, PatchEmbedND
 
 param = pytest.mark.parametrize
 
@@ -60,3 +60,33 @@ class TestPatchEmbedND:
             embed((4, 8, 8), (2, 4))
         with pytest.raises(ValueError, match="output_fmt='NCHW'"):
             embed((4, 8, 8), 2, output_fmt="NCHW")
+
+
+class TestPatchEmbed2d:
+    def timm_pair(self, **kwargs) -> tuple[PatchEmbed, PatchEmbed2d]:
+        args = dict(img_size=(8, 12), patch_size=4, in_chans=3, embed_dim=8, output_fmt="NHWC", strict_img_size=False)
+        theirs = PatchEmbed(**args, **kwargs).double()
+        ours = PatchEmbed2d(**args, **kwargs).double()
+        ours.load_state_dict(theirs.state_dict())  # strict: timm's parameters
+        return theirs, ours
+
+    @param("dynamic_img_pad, size", [(False, (12, 16)), (True, (11, 14))])
+    def test_equals_timms_patch_embed(self, dynamic_img_pad, size):
+        theirs, ours = self.timm_pair(dynamic_img_pad=dynamic_img_pad)
+        assert isinstance(ours, PatchEmbed)
+        assert_close(ours(inputs(*size)), theirs(inputs(*size)), atol=0, rtol=0)
+
+    def test_compiles_once_for_every_size(self):
+        """timm's own forward formats the size into its assert messages, so torch.compile specialises on it."""
+        torch._dynamo.reset()
+        graphs = []
+
+        def count_graphs(graph: torch.fx.GraphModule, example_inputs: list) -> object:
+            graphs.append(graph)
+            return graph.forward
+
+        theirs, ours = self.timm_pair()
+        compiled = torch.compile(ours, fullgraph=True, dynamic=True, backend=count_graphs)
+        for size in ((8, 12), (12, 16), (20, 8)):
+            assert_close(compiled(inputs(*size)), theirs(inputs(*size)), atol=0, rtol=0)
+        assert len(graphs) == 1

@@ -1,4 +1,4 @@
-"""`vit` models built on `ndrope.recipes` vision schemes (``rope_recipe``): frequencies and coordinate law."""
+"""`vit` models built on `ndrope.recipes` vision schemes (``rope_recipe``, by name): frequencies and coordinate law."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def expected_table(recipe: recipes.RopeRecipe, grid_shape: tuple[int, ...], pref
 @pytest.mark.parametrize("name", ["dinov3", "rope_axial", "timm_axial", "rotary_embedding_torch"])
 @pytest.mark.parametrize("grid_shape", [(8, 8), (5, 11)])
 def test_axial_model_rotates_by_the_recipe_at_every_grid(name, grid_shape):
-    model = vit.create_vit("rope_axial", rope_recipe=name, **SMALL)
+    model = vit.NDRopeVisionTransformer("rope_axial", rope_recipe=name, **SMALL)
     head_dim = SMALL["embed_dim"] // SMALL["num_heads"]
     builders = {
         "timm_axial": lambda: recipes.timm_axial(head_dim, n_axes=2),
@@ -36,16 +36,19 @@ def test_axial_model_rotates_by_the_recipe_at_every_grid(name, grid_shape):
             torch.testing.assert_close(got, want, atol=2e-6, rtol=0)
 
 
-def test_a_built_recipe_and_a_factory_give_the_same_model():
-    recipe = recipes.dinov3(32, normalize="max")
-    by_value = vit.create_vit("rope_axial", rope_recipe=recipe, **SMALL)
-    by_factory = vit.create_vit("rope_axial", rope_recipe=lambda head_dim: recipes.dinov3(head_dim, normalize="max"), **SMALL)
-    for a, b in zip(by_value.rotary_tables((6, 9))[0], by_factory.rotary_tables((6, 9))[0]):
-        torch.testing.assert_close(a, b, atol=0, rtol=0)
+def test_the_recipe_decides_the_coordinates_so_no_resolution_mode_applies():
+    """A recipe positions every grid by its own law: a resolution mode would change nothing, so it is refused."""
+    model = vit.NDRopeVisionTransformer("rope_axial", rope_recipe="dinov3", **SMALL)
+    assert model.rope_resolution_mode is None and not model.rope_plan.per_block
+    for mode in ("extrapolate", "interpolate", "ntk"):
+        with pytest.raises(ValueError, match=rf"rope_resolution_mode='{mode}' does not apply.*rope_recipe='dinov3'"):
+            model.set_resolution_mode(mode)
+    with pytest.raises(ValueError, match="rope_resolution_mode='interpolate' does not apply"):
+        vit.NDRopeVisionTransformer("rope_mixed", rope_recipe="dinov3", rope_resolution_mode="interpolate", **SMALL)
 
 
 def test_mixed_model_learns_one_copy_of_the_recipe_per_layer():
-    model = vit.create_vit("rope_mixed", rope_recipe="dinov3", **SMALL)
+    model = vit.NDRopeVisionTransformer("rope_mixed", rope_recipe="dinov3", **SMALL)
     recipe = recipes.dinov3(32)
     assert model.rope.learnable and model.rope.freqs.shape == (SMALL["depth"] * SMALL["num_heads"], 2, 16)
     torch.testing.assert_close(model.rope.freqs, recipe.freqs.float().expand_as(model.rope.freqs), atol=0, rtol=0)
@@ -54,7 +57,7 @@ def test_mixed_model_learns_one_copy_of_the_recipe_per_layer():
 
 
 def test_training_augments_the_recipe_coordinates_and_evaluation_does_not():
-    model = vit.create_vit("rope_axial", rope_recipe="dinov3", rope_jitter=1.5, rope_shift=0.2, **SMALL)
+    model = vit.NDRopeVisionTransformer("rope_axial", rope_recipe="dinov3", rope_jitter=1.5, rope_shift=0.2, **SMALL)
     torch.manual_seed(0)
     first, second = (model.train().rotary_tables((8, 8))[0][1] for _ in range(2))
     assert not torch.allclose(first, second)
@@ -68,23 +71,27 @@ def test_yaml_names_a_recipe():
     parser.add_class_arguments(vit.NDRopeVisionTransformer, "net")
     args = [f"--net.{key}={value}" for key, value in SMALL.items()] + ["--net.pos_embed=rope_axial", "--net.rope_recipe=dinov3"]
     model = parser.instantiate(parser.parse_args(args)).net
-    assert model.rope_coordinates == recipes.dinov3(32).coordinates
+    assert model.rope_plan.coordinates == recipes.dinov3(32).coordinates
 
 
 class TestErrors:
     def test_needs_a_rope_encoding(self):
         with pytest.raises(ValueError, match="rope_recipe needs a RoPE pos_embed.*pos_embed='learned'"):
-            vit.create_vit("learned", rope_recipe="dinov3", **SMALL)
+            vit.NDRopeVisionTransformer("learned", rope_recipe="dinov3", **SMALL)
 
     def test_unknown_name(self):
         with pytest.raises(ValueError, match=r"rope_recipe='dino' is not supported; choose one of \['dinov3'"):
-            vit.create_vit("rope_axial", rope_recipe="dino", **SMALL)
+            vit.NDRopeVisionTransformer("rope_axial", rope_recipe="dino", **SMALL)
 
     def test_frequencies_must_fit_the_model(self):
         video = dict(SMALL, img_size=(4, 32, 32), patch_size=(2, 4, 4), ndim=3)
-        with pytest.raises(ValueError, match=r"rope_recipe's frequencies \(2, 16\) do not fit this model.*A = ndim = 3"):
-            vit.create_vit("rope_axial", rope_recipe="dinov3", **video)
+        with pytest.raises(ValueError, match=r"rope_recipe='dinov3' has frequencies \(2, 16\) that do not fit this model.*A = ndim = 3"):
+            vit.NDRopeVisionTransformer("rope_axial", rope_recipe="dinov3", **video)
 
-    def test_a_factory_must_return_a_recipe(self):
-        with pytest.raises(TypeError, match="rope_recipe must be an ndrope.recipes.RopeRecipe"):
-            vit.create_vit("rope_axial", rope_recipe=lambda head_dim: head_dim, **SMALL)
+    def test_only_names_are_accepted(self):
+        with pytest.raises(TypeError, match=r"rope_recipe takes a name, one of \['dinov3', .*got a RopeRecipe"):
+            vit.NDRopeVisionTransformer("rope_axial", rope_recipe=recipes.dinov3(32), **SMALL)
+
+    def test_theta_and_recipe_are_exclusive(self):
+        with pytest.raises(ValueError, match="rope_theta=10.0 and rope_recipe='dinov3' both set the frequencies"):
+            vit.NDRopeVisionTransformer("rope_axial", rope_recipe="dinov3", rope_theta=10.0, **SMALL)

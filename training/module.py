@@ -19,7 +19,6 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-import vit
 from ndrope.modules import ResolutionMode
 
 from .data import check_protocols
@@ -77,7 +76,7 @@ class ImageClassifier(LightningModule):
         eval_resolutions: test resolutions, each a multiple of the patch size; default the training one.
         eval_protocols: how test images reach each resolution, `training.transforms.EvalProtocol`
             (default ``["zoom"]``); results are keyed by (protocol, resolution).
-        resolution_mode: passed to `vit.set_resolution_mode` (how positions adapt to another grid);
+        resolution_mode: passed to ``net.set_resolution_mode`` (how positions adapt to another grid);
             None keeps the model's default.
 
     Test results are written to ``<trainer.log_dir>/eval.json`` and ``eval.csv``.
@@ -124,7 +123,7 @@ class ImageClassifier(LightningModule):
             raise ValueError(f"net.num_classes={num_classes!r}: the classifier needs an int number of classes >= 2")
         self.net = net
         if resolution_mode is not None:
-            vit.set_resolution_mode(self.net, resolution_mode)
+            self.net.set_resolution_mode(resolution_mode)
         if compile:
             self.net.compile()
         self.mixup = None

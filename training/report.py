@@ -291,7 +291,7 @@ def study_markdown(summary: list[dict[str, Any]], runs: list[dict[str, Any]], se
         parts.append(f"Test images per evaluation: {', '.join(f'{n:,}' for n in samples)}.\n")
     if any(s["resolution_mode"] for s in summary):
         parts.append(
-            "RoPE rows name the resolution mode of their positions at other grids (`vit.set_resolution_mode`): "
+            "RoPE rows name the resolution mode of their positions at other grids (`NDRopeVisionTransformer.set_resolution_mode`): "
             "extrapolate = integer patch indices, interpolate = positions rescaled onto the training grid.\n"
         )
     if settings.get("variant_net_args"):

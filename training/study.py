@@ -137,8 +137,8 @@ def test_command(
 def modes_for(net: dict[str, Any], resolution_modes: Sequence[str] | None) -> list[str | None]:
     """The resolution modes a variant (its net arguments) is tested with: only RoPE has a choice of coordinates
     at other grids, and a ``rope_recipe`` fixes its own coordinate law, so it is tested once."""
-    rope = "rope" in net["pos_embed"] and not net.get("rope_recipe")
-    return list(resolution_modes) if resolution_modes and rope else [None]
+    applicable = vit.applicable_resolution_modes(net["pos_embed"], net.get("rope_recipe"))
+    return [mode for mode in resolution_modes or () if mode in applicable] or [None]
 
 
 def _die_with_parent(parent: int) -> Callable[[], None]:
@@ -204,9 +204,9 @@ def run_study(
             in ``variant_net_args``.
         eval_resolutions: test resolutions (multiples of the patch size).
         seeds: one run per variant and seed; the report gives mean ± sample std over seeds.
-        resolution_modes: test RoPE variants once per `vit.set_resolution_mode` mode (rows
-            "rope_axial (interpolate)", ...), except those with a ``rope_recipe`` (`modes_for`); None tests
-            once with the model's default.
+        resolution_modes: test RoPE variants once per `NDRopeVisionTransformer.set_resolution_mode` mode (rows
+            "rope_axial (interpolate)", ...), only where the mode applies (`modes_for`: not with a
+            ``rope_recipe``); None tests once with the model's default.
         eval_protocols: how test images reach each resolution ("zoom": resized; "canvas": unscaled on a
             blank canvas), see `training.transforms.EvalProtocol`.
         variant_net_args: variants that are more than a pos_embed: name -> net arguments (``pos_embed``

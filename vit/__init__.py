@@ -1,7 +1,7 @@
 """vit: timm Vision Transformers whose position encoding is one switch, at any input size and ndim.
 
->>> import vit, timm
->>> model = vit.create_vit("rope_mixed", img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3)
+>>> import vit, timm, torch
+>>> model = vit.NDRopeVisionTransformer("rope_mixed", img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3)
 >>> model = timm.create_model("ndrope_vit_small_patch16_224", pos_embed="rope_axial")
 
 Importing the package registers the ``ndrope_vit_*`` names with timm (`vit.registry`).
@@ -10,14 +10,11 @@ Importing the package registers the ``ndrope_vit_*`` names with timm (`vit.regis
 from .attention import ROPE_LAYOUT, RopeAttention, RopeBlock
 from .model import (
     DEFAULT_POS_EMBED,
-    DEFAULT_RESOLUTION_MODE,
     POS_EMBED_CHOICES,
-    ROPE_THETA,
     NDRopeVisionTransformer,
-    create_vit,
-    set_resolution_mode,
+    applicable_resolution_modes,
 )
-from .patch_embed import PatchEmbedND
+from .patch_embed import PatchEmbed2d, PatchEmbedND
 from .pos_embed import (
     AlibiBias,
     FixedPosEmbed,
@@ -29,6 +26,7 @@ from .pos_embed import (
     sincos_embed,
 )
 from .registry import MODEL_NAMES
+from .rope import DEFAULT_RESOLUTION_MODE, ROPE_THETA, RopePlan, VisionRecipe, create_rope
 
 __all__ = [
     "DEFAULT_POS_EMBED",
@@ -40,15 +38,18 @@ __all__ = [
     "AlibiBias",
     "FixedPosEmbed",
     "NDRopeVisionTransformer",
+    "PatchEmbed2d",
     "PatchEmbedND",
     "RopeAttention",
     "RopeBlock",
+    "RopePlan",
+    "VisionRecipe",
     "alibi_bias",
     "alibi_slopes",
+    "applicable_resolution_modes",
     "binary_embed",
-    "create_vit",
+    "create_rope",
     "integer_embed",
     "resample_pos_embed",
-    "set_resolution_mode",
     "sincos_embed",
 ]

@@ -1,19 +1,23 @@
 """Attention and block that *apply* position tables handed to them; they never build grids.
 
-`RopeAttention` is timm's `Attention` (same parameters, same state-dict keys, so plain timm ViT
-checkpoints load) whose forward also takes a rotation ``rope`` for q and k and an additive logit
-bias ``attn_mask``. The model computes both once per forward (`NDRopeVisionTransformer`) and
-passes them to every block, as timm's Eva does.
+`RopeAttention` has the parameters and state-dict keys of timm's `Attention` (plain timm ViT
+checkpoints load), and its forward also takes a rotation ``rope`` for q and k beside timm's
+``attn_mask`` and ``is_causal``. `NDRopeVisionTransformer` computes the rotation and the bias once
+per forward and passes them to every block, as timm's Eva does.
 
 Shape alphabet: B batch, H heads, N tokens (prefix + patches), D channels per head, P = D // 2 pairs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+import torch
 import torch.nn.functional as F
-from timm.layers import Attention
+from timm.layers import use_fused_attn
 from timm.models.vision_transformer import Block
-from torch import Tensor
+from torch import Tensor, nn
 
 import ndrope
 from ndrope.functional import Rotation
@@ -24,13 +28,51 @@ from ndrope.functional import Rotation
 ROPE_LAYOUT: ndrope.Layout = "half"
 
 
-class RopeAttention(Attention):
+class RopeAttention(nn.Module):
     """Multi-head self-attention with an optional RoPE rotation of q, k and an additive logit bias.
 
-    ``fused_attn`` (from timm, on by default) selects `F.scaled_dot_product_attention`, so fast
-    kernels apply on GPU; the plain matmul path next to it computes the same thing and is the
-    reference the fused path is tested against.
+    The constructor takes what timm's `Block` passes to its ``attn_layer``. ``fused_attn`` (timm's
+    global default, on unless disabled) selects `F.scaled_dot_product_attention`, so fast kernels
+    apply on GPU; the plain matmul path next to it computes the same thing and is the reference the
+    fused path is tested against.
+
+    Args:
+        dim: C, token channels; D = C // num_heads.
+        qkv_bias, proj_bias: biases of the projections.
+        qk_norm: ``norm_layer`` over D on q and k; scale_norm: ``norm_layer`` over C before the output projection.
+        attn_drop, proj_drop: dropout on the attention weights and after the output projection.
     """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = False,
+        qk_norm: bool = False,
+        scale_norm: bool = False,
+        proj_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        norm_layer: Callable[..., nn.Module] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
+        if (qk_norm or scale_norm) and norm_layer is None:
+            raise ValueError("qk_norm=True or scale_norm=True needs a norm_layer")
+        dd = dict(device=device, dtype=dtype)
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.fused_attn = use_fused_attn()
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **dd)
+        self.q_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.norm = norm_layer(dim, **dd) if scale_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
 
     def project_qkv(self, x: Tensor, rope: Rotation | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """q, k, v (B, H, N, D) from x (B, N, C); q and k rotated by ``rope`` when given.
@@ -40,52 +82,59 @@ class RopeAttention(Attention):
         their token unrotated, which is how the class and register tokens are exempted.
         """
         B, N, _ = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # B, H, N, D
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # B, H, N, D each
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q = ndrope.apply_rotary(q, rope, layout=ROPE_LAYOUT)
             k = ndrope.apply_rotary(k, rope, layout=ROPE_LAYOUT)
         return q, k, v
 
-    def forward(self, x: Tensor, rope: Rotation | None = None, attn_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, rope: Rotation | None = None, attn_mask: Tensor | None = None, is_causal: bool = False
+    ) -> Tensor:
         """x (B, N, C) -> (B, N, C).
 
         Args:
             rope: rotation for q and k, see `project_qkv`.
-            attn_mask: additive float bias on the scaled logits, broadcastable to (B, H, N, N)
-                (ALiBi, key masks as -inf); cast to the dtype of q, as SDPA requires.
+            attn_mask: broadcastable to (B, H, N, N): an additive float bias on the scaled logits
+                (ALiBi, -inf for hidden keys; cast to the dtype of q, as SDPA requires), or bool
+                (True = may attend).
+            is_causal: token i attends to tokens 0..i only (combined with ``attn_mask``).
         """
-        B, N, _ = x.shape
-        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        B, N, C = x.shape
         q, k, v = self.project_qkv(x, rope)
+        if attn_mask is not None and attn_mask.dtype == torch.bool:  # True = may attend
+            attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attn_mask, float("-inf"))
         if attn_mask is not None:
             attn_mask = attn_mask.to(q.dtype)
+        if is_causal and (attn_mask is not None or not self.fused_attn):  # SDPA takes a mask or is_causal, not both
+            causal = torch.full((N, N), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
+            attn_mask, is_causal = causal if attn_mask is None else attn_mask + causal, False
         if self.fused_attn:
-            x = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0
-            )
+            dropout = self.attn_drop.p if self.training else 0.0
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)  # B, H, N, N
             if attn_mask is not None:
                 attn = attn + attn_mask
-            attn = self.attn_drop(attn.softmax(dim=-1))
-            x = attn @ v
-        x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
-        x = self.norm(x)
-        if gate is not None:
-            x = x * gate
+            x = self.attn_drop(attn.softmax(dim=-1)) @ v
+        x = self.norm(x.transpose(1, 2).reshape(B, N, C))
         return self.proj_drop(self.proj(x))
 
 
 class RopeBlock(Block):
     """timm's pre-norm `Block` whose attention receives the per-forward ``rope`` and ``attn_mask``.
 
-    Build it with ``attn_layer=RopeAttention`` (or a subclass); `NDRopeVisionTransformer` does.
+    Takes timm's `Block` arguments; ``attn_layer`` defaults to `RopeAttention` (or give a subclass).
     """
 
-    def forward(self, x: Tensor, rope: Rotation | None = None, attn_mask: Tensor | None = None) -> Tensor:
-        """x (B, N, C) -> (B, N, C); ``rope`` and ``attn_mask`` as in `RopeAttention.forward`."""
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), rope=rope, attn_mask=attn_mask)))
+    def __init__(self, *args: Any, attn_layer: type[RopeAttention] = RopeAttention, **kwargs: Any) -> None:
+        super().__init__(*args, attn_layer=attn_layer, **kwargs)
+
+    def forward(
+        self, x: Tensor, rope: Rotation | None = None, attn_mask: Tensor | None = None, is_causal: bool = False
+    ) -> Tensor:
+        """x (B, N, C) -> (B, N, C); ``rope``, ``attn_mask`` and ``is_causal`` as in `RopeAttention.forward`."""
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), rope=rope, attn_mask=attn_mask, is_causal=is_causal)))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x

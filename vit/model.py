@@ -1,58 +1,42 @@
 """`NDRopeVisionTransformer`: timm's ViT with one switch for the position encoding, at any input size.
 
 The subclass changes only where positions enter. Per forward it reads the patch grid from the
-patch embedding (``dynamic_img_size``), then
-  * adds an absolute table to the patch tokens (``_pos_embed``: learned, sincos, integer, binary),
-  * computes the RoPE tables (cos, sin) and the ALiBi bias once for that grid (`rotary_tables`,
-    `attention_bias`), and hands them to every block, as timm's Eva does. Attention layers only
-    apply what they are given.
-Blocks, MLPs, heads, pooling, init and checkpoints are timm's, so every `VisionTransformer` keyword
-works and a plain timm ViT state dict loads into ``pos_embed="learned"``.
+patch embedding (timm's ``dynamic_img_size`` layout), then
+  * adds an absolute table to the patch tokens (`_pos_embed`: learned, sincos, integer, binary),
+  * computes the RoPE tables (`rotary_tables`, planned in `vit.rope`) and the ALiBi bias
+    (`attention_bias`) once for that grid and hands them to every block, as timm's Eva does.
+    Attention layers only apply what they are given.
+Blocks, MLPs, heads, pooling, init and checkpoints are timm's: every other `VisionTransformer`
+keyword passes through to timm, and a plain timm ViT state dict loads into ``pos_embed="learned"``.
 
-Shape alphabet: B batch, H heads, N tokens, D channels per head, P = D // 2 pairs, L layers,
+Shape alphabet: B batch, H heads, N tokens, D channels per head, P = D // 2 pairs, L blocks,
 k prefix tokens (class + registers); spatial sizes are ``img_size`` / ``grid_shape`` tuples.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, get_origin
 
 import torch
-from timm.layers import Mlp, PatchDropout, PatchDropoutWithIndices, PatchEmbed
-from timm.models import VisionTransformer
-from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint
+from timm.layers import PatchDropout, PatchDropoutWithIndices
+from timm.models import VisionTransformer, checkpoint
 from torch import Tensor, nn
 
-import ndrope
 from ndrope._checks import check_choice, check_int, check_number, choices
 from ndrope.functional import Rotation
-from ndrope.modules import ResolutionMode
-from ndrope.positions import check_augmentation
-from ndrope.recipes import Coordinates, RopeRecipe
+from ndrope.modules import RESOLUTION_MODES, ResolutionMode
 
-from .attention import ROPE_LAYOUT, RopeAttention, RopeBlock
-from .patch_embed import PatchEmbedND
+from .attention import RopeAttention, RopeBlock
+from .patch_embed import PatchEmbed2d, PatchEmbedND
 from .pos_embed import BINARY_BITS, AlibiBias, FixedPosEmbed, IntegerNorm, resample_pos_embed
-
-PosEmbed = Literal[
-    "learned",
-    "sincos",
-    "rope_axial",
-    "rope_mixed",
-    "rope_axial+learned",
-    "rope_mixed+learned",
-    "alibi",
-    "integer",
-    "binary",
-    "none",
-]
+from .rope import DEFAULT_RESOLUTION_MODE, RopeKind, VisionRecipe, create_rope, keep_tokens
 
 
 class _Encoding(NamedTuple):
     absolute: str | None  # "learned", "sincos", "integer", "binary": a table added to the patch tokens
-    rope: str | None  # "axial", "mixed": kind of ndrope.RotaryEmbedding
+    rope: RopeKind | None  # fixed frequencies shared by the blocks, or learned per block
     alibi: bool  # a distance bias on the attention logits
 
 
@@ -68,32 +52,21 @@ _ENCODINGS: dict[str, _Encoding] = {
     "binary": _Encoding("binary", None, False),
     "none": _Encoding(None, None, False),
 }
+PosEmbed = Literal[tuple(_ENCODINGS)]  # type: ignore[valid-type]
 #: Every accepted ``pos_embed`` value.
 POS_EMBED_CHOICES: tuple[str, ...] = choices(PosEmbed)
-assert set(POS_EMBED_CHOICES) == set(_ENCODINGS), "every pos_embed choice needs an encoding"
-#: `ndrope.recipes` vision schemes that ``rope_recipe`` takes by name (built for the model's head_dim)
-VisionRecipe = Literal["dinov3", "rope_axial", "timm_axial", "rotary_embedding_torch"]
-_RECIPE_BUILDERS: dict[str, Callable[[int, int], RopeRecipe]] = {  # (head_dim, ndim) -> recipe
-    "dinov3": lambda head_dim, ndim: ndrope.recipes.dinov3(head_dim),
-    "rope_axial": lambda head_dim, ndim: ndrope.recipes.rope_axial(head_dim),
-    "timm_axial": lambda head_dim, ndim: ndrope.recipes.timm_axial(head_dim, n_axes=ndim),
-    # rotary-embedding-torch gives each axis its own block of `dim` channels
-    "rotary_embedding_torch": lambda head_dim, ndim: ndrope.recipes.rotary_embedding_torch(head_dim // ndim, n_axes=ndim),
-}
-assert set(_RECIPE_BUILDERS) == set(choices(VisionRecipe)), "every named recipe needs a builder"
-#: timm's pooling choices (``global_pool``) and weight initialisations (``weight_init``).
-GlobalPool = Literal["", "avg", "avgmax", "max", "token", "map"]
-WeightInit = Literal["skip", "reset", "jax", "jax_nlhb", "moco", ""]
 #: ``pos_embed`` of the registered timm models when none is given.
-DEFAULT_POS_EMBED: PosEmbed = "rope_mixed"
-#: RoPE coordinates at a grid other than the training grid, unless ``rope_resolution_mode`` is given:
-#: "extrapolate" (integer patch indices), "interpolate" (rescaled onto the training grid) or "ntk".
-#: "interpolate" measured best in both test protocols of the README's study (Fashion-MNIST, trained at
-#: 28px, 3 seeds): zoomed to 44px, rope_axial scores 71.2 % interpolated against 30.3 % extrapolated.
-DEFAULT_RESOLUTION_MODE: ResolutionMode = "interpolate"
-#: RoPE frequency base per kind, as Heo et al. (https://arxiv.org/abs/2403.13298) use for ViTs:
-#: 100 for RoPE-Axial, 10 for the initialisation of the learned RoPE-Mixed frequencies.
-ROPE_THETA: dict[str, float] = {"axial": 100.0, "mixed": 10.0}
+DEFAULT_POS_EMBED = "rope_mixed"
+# timm's own keyword annotations: its Literal choices are checked against timm, never a copy
+_TIMM_PARAMETERS = inspect.signature(VisionTransformer.__init__).parameters
+
+
+def applicable_resolution_modes(pos_embed: PosEmbed, rope_recipe: VisionRecipe | None = None) -> tuple[str, ...]:
+    """The RoPE resolution modes that change the positions of a model built with these arguments:
+    all of `ndrope.RESOLUTION_MODES` for RoPE on grid indices, none without RoPE or with a recipe
+    (its coordinate law places every grid). Setting any other mode is an error."""
+    rope = _ENCODINGS[check_choice("pos_embed", pos_embed, PosEmbed)].rope
+    return RESOLUTION_MODES if rope and rope_recipe is None else ()
 
 
 def _per_axis(name: str, value: Any, ndim: int) -> tuple[int, ...]:
@@ -107,11 +80,31 @@ def _per_axis(name: str, value: Any, ndim: int) -> tuple[int, ...]:
     return tuple(value)
 
 
-def _gather_tokens(table: Tensor, index: Tensor, dim: int) -> Tensor:
-    """Per-sample entries of ``table`` (B, ...) along its token axis ``dim`` at index (B, M)."""
-    shape = [index.shape[0] if d == 0 else index.shape[1] if d == dim else 1 for d in range(table.dim())]
-    sizes = [index.shape[1] if d == dim else size for d, size in enumerate(table.shape)]
-    return table.gather(dim, index.view(shape).expand(sizes))
+def _check_timm_keywords(kwargs: dict[str, Any]) -> None:
+    """The timm keywords timm itself checks only with a bare assert or not at all (torch's Dropout
+    already names a bad drop_rate, pos_drop_rate, proj_drop_rate or attn_drop_rate)."""
+    for name, value in kwargs.items():
+        annotation = _TIMM_PARAMETERS[name].annotation if name in _TIMM_PARAMETERS else None
+        if get_origin(annotation) is Literal:  # global_pool, weight_init
+            check_choice(name, value, annotation)
+    check_int("reg_tokens", kwargs.get("reg_tokens", 0), minimum=0)
+    if check_number("patch_drop_rate", kwargs.get("patch_drop_rate", 0.0), minimum=0.0, inclusive=True) >= 1.0:
+        raise ValueError(f"patch_drop_rate={kwargs['patch_drop_rate']!r} must be in [0, 1): the fraction of patches dropped")
+    if check_number("drop_path_rate", kwargs.get("drop_path_rate", 0.0), minimum=0.0, inclusive=True) > 1.0:
+        raise ValueError(f"drop_path_rate={kwargs['drop_path_rate']!r} must be a probability in [0, 1]")
+
+
+def _take_indices(depth: int, indices: int | Sequence[int] | None) -> list[int]:
+    """Block indices by timm's convention: None all, an int n the last n, else indices (negative from the end)."""
+    if indices is None or isinstance(indices, int):
+        last = depth if indices is None else indices
+        if not 0 < last <= depth:
+            raise ValueError(f"indices={indices} must take between 1 and depth={depth} last blocks")
+        return list(range(depth - last, depth))
+    taken = [i + depth if i < 0 else i for i in indices]
+    if not taken or not all(0 <= i < depth for i in taken):
+        raise ValueError(f"indices={list(indices)} must be block indices in [-{depth}, {depth})")
+    return taken
 
 
 class NDRopeVisionTransformer(VisionTransformer):
@@ -123,46 +116,36 @@ class NDRopeVisionTransformer(VisionTransformer):
     (torch.Size([8, 10]), torch.Size([8, 10]))
 
     Input (B, C, *spatial) with ``len(spatial) == ndim``; every spatial size must be a multiple of
-    the patch size (or set ``dynamic_img_pad=True`` to zero-pad). Any grid works, not only the
+    the patch size (or build with ``dynamic_img_pad=True`` to zero-pad). Any grid works, not only the
     training one: RoPE, ALiBi and the fixed tables are computed for the actual grid, a learned table
     is interpolated (as timm does with ``dynamic_img_size``).
 
     Args:
-        pos_embed: one of `POS_EMBED_CHOICES`:
-            ``"learned"`` timm's learned absolute table; ``"sincos"`` fixed sinusoids per axis;
-            ``"rope_axial"`` axis-separated RoPE with fixed frequencies (theta `ROPE_THETA`),
-            shared by all layers and heads; ``"rope_mixed"`` RoPE-Mixed (Heo et al.), learned
-            frequencies per head *and* per layer; ``"rope_*+learned"`` both RoPE and the learned
-            table; ``"alibi"`` per-head bias ``-2^(-8h/H) * distance`` on the logits;
-            ``"integer"`` / ``"binary"`` the flattened patch index as a number / as bits;
-            ``"none"`` no position information (permutation-equivariant over patches).
+        pos_embed: one of `POS_EMBED_CHOICES` (the README's table): ``"learned"`` timm's table;
+            ``"sincos"`` fixed sinusoids per axis; ``"rope_axial"`` fixed RoPE shared by all blocks;
+            ``"rope_mixed"`` RoPE-Mixed (Heo et al.), learned per block and head; ``"rope_*+learned"``
+            both; ``"alibi"`` a per-head distance bias on the logits; ``"integer"`` / ``"binary"`` the
+            patch index as a number / as bits; ``"none"`` no positions (permutation-equivariant).
         ndim: A, number of spatial axes: 2 images (B, C, h, w), 3 video (B, C, t, h, w),
             4 volumes over time (B, C, t, d, h, w), 1 sequences (B, C, n).
         img_size, patch_size: training input size and patch size, an int or one entry per axis.
         embed_dim, depth, num_heads: width C, number of blocks L, heads H (D = C / H).
-        rope_theta: RoPE frequency base; default `ROPE_THETA` of the kind.
-        rope_resolution_mode: RoPE coordinates at other grids, see `set_resolution_mode`;
-            default `DEFAULT_RESOLUTION_MODE`.
-        rope_shift, rope_jitter, rope_rescale: DINOv3-style augmentation of the RoPE coordinates in
-            training mode (`ndrope.augment_positions`: shift in coordinate units, per-axis jitter factor,
-            shared rescale factor); off by default (0, 1, 1).
-        rope_recipe: a `ndrope.recipes` vision scheme: its name (`VisionRecipe`, e.g. ``"dinov3"``, built
-            for the head_dim), a `RopeRecipe`, or a function of head_dim returning one: its frequencies and its coordinate law (DINOv3's [-1, 1],
-            timm's pixel bands, ``xy`` order, ...) replace ``rope_theta`` and the resolution mode, at
-            every grid. Fixed with ``rope_axial``, learned per layer from its values with ``rope_mixed``.
-            The channel layout stays `ROPE_LAYOUT` (a fixed permutation: irrelevant when training).
-            By name, ``timm_axial`` and ``rotary_embedding_torch`` get one axis per ``ndim``.
+        dynamic_img_size: timm's switch, always on here (every grid works); False is refused.
+        rope_theta, rope_recipe, rope_shift, rope_jitter, rope_rescale: the RoPE frequencies (a
+            ladder of base ``rope_theta``, or a `VisionRecipe` name with its coordinate law) and the
+            DINOv3-style coordinate augmentation in training, see `vit.rope.create_rope`.
+        rope_resolution_mode: RoPE coordinates at grids other than the training grid, see
+            `set_resolution_mode`; default `DEFAULT_RESOLUTION_MODE` where `applicable_resolution_modes`.
         integer_norm, binary_bits: options of ``"integer"`` / ``"binary"``, see `FixedPosEmbed`.
-        in_chans, num_classes, global_pool, mlp_ratio, qkv_bias, qk_norm, proj_bias, init_values,
-        class_token, no_embed_class, reg_tokens, pre_norm, final_norm, fc_norm, dynamic_img_pad,
-        drop_rate, pos_drop_rate, patch_drop_rate, proj_drop_rate, attn_drop_rate, drop_path_rate,
-        weight_init, norm_layer, act_layer, mlp_layer: as in `timm.models.VisionTransformer`.
-        embed_layer: default timm's `PatchEmbed` in 2D (checkpoint compatible), `PatchEmbedND` otherwise.
+        embed_layer: default `PatchEmbed2d` (timm's, checkpoint compatible) in 2D, `PatchEmbedND` otherwise.
         block_fn, attn_layer: `RopeBlock` / `RopeAttention` or subclasses (they take the per-forward
-            position tables). ``dynamic_img_size`` is always on.
+            position tables).
+        **kwargs: every other `timm.models.VisionTransformer` keyword (in_chans, num_classes,
+            global_pool, class_token, reg_tokens, drop rates, ...), checked by timm's annotations.
 
-    Options that belong to an encoding the model does not use (``rope_theta`` without RoPE, ...)
-    are ignored, so one config can sweep ``pos_embed``.
+    Options of an encoding the model does not use (``rope_theta`` without RoPE, ``integer_norm``
+    without ``"integer"``) are ignored, so one config can sweep ``pos_embed``; a resolution mode or a
+    recipe that cannot apply is an error.
     """
 
     def __init__(
@@ -172,250 +155,120 @@ class NDRopeVisionTransformer(VisionTransformer):
         ndim: int = 2,
         img_size: int | Sequence[int] = 224,
         patch_size: int | Sequence[int] = 16,
-        in_chans: int = 3,
-        num_classes: int = 1000,
-        global_pool: GlobalPool = "token",
         embed_dim: int = 768,
         depth: int = 12,
         num_heads: int = 12,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        qk_norm: bool = False,
-        proj_bias: bool = True,
-        init_values: float | None = None,
-        class_token: bool = True,
-        no_embed_class: bool = False,
-        reg_tokens: int = 0,
-        pre_norm: bool = False,
-        final_norm: bool = True,
-        fc_norm: bool | None = None,
-        dynamic_img_pad: bool = False,
-        drop_rate: float = 0.0,
-        pos_drop_rate: float = 0.0,
-        patch_drop_rate: float = 0.0,
-        proj_drop_rate: float = 0.0,
-        attn_drop_rate: float = 0.0,
-        drop_path_rate: float = 0.0,
-        weight_init: WeightInit = "",
+        dynamic_img_size: bool = True,
         rope_theta: float | None = None,
+        rope_recipe: VisionRecipe | None = None,
         rope_resolution_mode: ResolutionMode | None = None,
         rope_shift: float = 0.0,
         rope_jitter: float = 1.0,
         rope_rescale: float = 1.0,
-        rope_recipe: VisionRecipe | RopeRecipe | Callable[[int], Any] | None = None,
         integer_norm: IntegerNorm = "train",
         binary_bits: int = BINARY_BITS,
         embed_layer: Callable[..., nn.Module] | None = None,
-        norm_layer: Callable[..., nn.Module] | None = None,
-        act_layer: Callable[..., nn.Module] | None = None,
         block_fn: type[RopeBlock] = RopeBlock,
         attn_layer: type[RopeAttention] = RopeAttention,
-        mlp_layer: type[nn.Module] = Mlp,
+        **kwargs: Any,
     ) -> None:
-        check_choice("pos_embed", pos_embed, PosEmbed)
-        if isinstance(ndim, bool) or not isinstance(ndim, int) or ndim < 1:
-            raise ValueError(f"ndim={ndim!r} must be a positive int (2 images, 3 video, 4 volumes over time)")
-        check_choice("global_pool", global_pool, GlobalPool)
+        encoding = _ENCODINGS[check_choice("pos_embed", pos_embed, PosEmbed)]
+        check_int("ndim", ndim)  # 2 images, 3 video, 4 volumes over time, 1 sequences
         img_size, patch_size = _per_axis("img_size", img_size, ndim), _per_axis("patch_size", patch_size, ndim)
         if any(size % patch for size, patch in zip(img_size, patch_size)):
             raise ValueError(f"img_size={img_size} must be a multiple of patch_size={patch_size} on every axis")
         for name, value in (("embed_dim", embed_dim), ("depth", depth), ("num_heads", num_heads)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive int")
+            check_int(name, value)
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
-        encoding = _ENCODINGS[pos_embed]
-        head_dim = embed_dim // num_heads
-        if encoding.rope and (head_dim % 2 or head_dim // 2 < ndim):
-            raise ValueError(
-                f"pos_embed={pos_embed!r} rotates channel pairs of each head, split between ndim={ndim} axes: "
-                f"head_dim = embed_dim // num_heads = {head_dim} must be even and at least {2 * ndim}"
-            )
-        mode = DEFAULT_RESOLUTION_MODE if rope_resolution_mode is None else rope_resolution_mode
-        check_choice("rope_resolution_mode", mode, ResolutionMode)
-        check_choice("weight_init", weight_init, WeightInit)
-        shift, jitter, rescale = check_augmentation(
-            rope_shift, rope_jitter, rope_rescale, names=("rope_shift", "rope_jitter", "rope_rescale")
-        )
-        if rope_theta is not None:
-            check_number("rope_theta", rope_theta)
-        check_int("reg_tokens", reg_tokens, minimum=0)
-        check_number("patch_drop_rate", patch_drop_rate, minimum=0.0, inclusive=True)
-        if patch_drop_rate >= 1.0:
-            raise ValueError(f"patch_drop_rate={patch_drop_rate!r} must be in [0, 1): it is the fraction of patches dropped")
-        for name, rate in (
-            ("drop_rate", drop_rate),
-            ("pos_drop_rate", pos_drop_rate),
-            ("proj_drop_rate", proj_drop_rate),
-            ("attn_drop_rate", attn_drop_rate),
-            ("drop_path_rate", drop_path_rate),
-        ):
-            if check_number(name, rate, minimum=0.0, inclusive=True) > 1.0:
-                raise ValueError(f"{name}={rate!r} must be a probability in [0, 1]")
+        if dynamic_img_size is not True:
+            raise ValueError(f"dynamic_img_size={dynamic_img_size!r}: the model always reads the grid from the input "
+                             "(any multiple of the patch size works), so only dynamic_img_size=True is accepted")  # fmt: skip
+        if rope_recipe is not None and encoding.rope is None:
+            raise ValueError(f"rope_recipe needs a RoPE pos_embed (rope_axial, rope_mixed, ...), got pos_embed={pos_embed!r}")
         for name, layer, base in (("attn_layer", attn_layer, RopeAttention), ("block_fn", block_fn, RopeBlock)):
             if not (isinstance(layer, type) and issubclass(layer, base)):
                 raise ValueError(
                     f"{name}={layer!r} is not supported: it must be {base.__name__} or a subclass, "
                     "which take the per-forward position tables"
                 )
-        if embed_layer is None:
-            embed_layer = PatchEmbed if ndim == 2 else PatchEmbedND
+        _check_timm_keywords(kwargs)
         super().__init__(
-            img_size=img_size,
-            patch_size=patch_size,
-            in_chans=in_chans,
-            num_classes=num_classes,
-            global_pool=global_pool,
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
-            qkv_bias=qkv_bias,
-            qk_norm=qk_norm,
-            proj_bias=proj_bias,
-            init_values=init_values,
-            class_token=class_token,
-            pos_embed="learn" if encoding.absolute == "learned" else "none",
-            no_embed_class=no_embed_class,
-            reg_tokens=reg_tokens,
-            pre_norm=pre_norm,
-            final_norm=final_norm,
-            fc_norm=fc_norm,
-            dynamic_img_size=True,  # every model runs at any multiple of the patch size
-            dynamic_img_pad=dynamic_img_pad,
-            drop_rate=drop_rate,
-            pos_drop_rate=pos_drop_rate,
-            patch_drop_rate=patch_drop_rate,
-            proj_drop_rate=proj_drop_rate,
-            attn_drop_rate=attn_drop_rate,
-            drop_path_rate=drop_path_rate,
-            weight_init=weight_init,
-            embed_layer=embed_layer,
-            norm_layer=norm_layer,
-            act_layer=act_layer,
-            block_fn=block_fn,
-            mlp_layer=mlp_layer,
-            attn_layer=attn_layer,
-        )
-        self.pos_embed_type, self.ndim, self.num_heads = pos_embed, ndim, num_heads
+            img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+            pos_embed="learn" if encoding.absolute == "learned" else "none", dynamic_img_size=True,
+            embed_layer=embed_layer or (PatchEmbed2d if ndim == 2 else PatchEmbedND), block_fn=block_fn,
+            attn_layer=attn_layer, **kwargs,
+        )  # fmt: skip
+        self.pos_embed_type, self.rope_recipe, self.ndim, self.num_heads = pos_embed, rope_recipe, ndim, num_heads
         grid_size = tuple(self.patch_embed.grid_size)
-        fixed = encoding.absolute in ("sincos", "integer", "binary")
-        self.fixed_pos_embed = (
-            FixedPosEmbed(encoding.absolute, embed_dim, grid_size, integer_norm=integer_norm, binary_bits=binary_bits)
-            if fixed
-            else None
-        )
-        self.rope = None
-        #: a recipe's coordinate law (and attention scale) for the RoPE positions, or None for `ndrope.grid`
-        self.rope_coordinates: Coordinates | None = None
-        self.rope_attention_scale = 1.0
-        theta = ROPE_THETA[encoding.rope] if encoding.rope and rope_theta is None else rope_theta
-        if rope_recipe is not None:
-            self.rope = self._rope_from_recipe(rope_recipe, pos_embed, encoding.rope, head_dim, grid_size, depth)
-        elif encoding.rope == "axial":
-            self.rope = ndrope.RotaryEmbedding(head_dim, ndim, theta=theta, layout=ROPE_LAYOUT, reference_shape=grid_size)
-        elif encoding.rope == "mixed":
-            # RoPE-Mixed learns one frequency matrix per (layer, head): one module with L * H "heads"
-            # yields every layer's table from one matmul per forward.
-            self.rope = ndrope.RotaryEmbedding.mixed(
-                head_dim, ndim, depth * num_heads, theta=theta, layout=ROPE_LAYOUT, reference_shape=grid_size
+        self.fixed_pos_embed = None
+        if encoding.absolute in ("sincos", "integer", "binary"):
+            self.fixed_pos_embed = FixedPosEmbed(
+                encoding.absolute, embed_dim, grid_size, integer_norm=integer_norm, binary_bits=binary_bits
             )
-        #: DINOv3-style coordinate augmentation of the RoPE positions in training (`ndrope.augment_positions`)
-        self.rope_shift, self.rope_jitter, self.rope_rescale = shift, jitter, rescale
+        self.rope, self.rope_plan = None, None
+        if encoding.rope:
+            self.rope, self.rope_plan = create_rope(
+                encoding.rope, head_dim=embed_dim // num_heads, num_heads=num_heads, depth=depth, grid_size=grid_size,
+                theta=rope_theta, recipe=rope_recipe, shift=rope_shift, jitter=rope_jitter, rescale=rope_rescale,
+            )  # fmt: skip
         self.alibi = AlibiBias(num_heads) if encoding.alibi else None
         if isinstance(self.patch_drop, PatchDropout):
-            # the kept indices select the matching rows of the RoPE tables and ALiBi bias
+            # the kept indices select the matching rows of the RoPE tables and the logit bias
             self.patch_drop = PatchDropoutWithIndices(self.patch_drop.prob, num_prefix_tokens=self.num_prefix_tokens)
-        self.set_resolution_mode(mode)
-
-    def _rope_from_recipe(
-        self,
-        rope_recipe: RopeRecipe | Callable[[int], RopeRecipe],
-        pos_embed: str,
-        kind: str | None,
-        head_dim: int,
-        grid_size: tuple[int, ...],
-        depth: int,
-    ) -> ndrope.RotaryEmbedding:
-        """RoPE with a `ndrope.recipes` scheme's frequencies and coordinate law (fixed for ``rope_axial``,
-        learned per layer from the recipe's values for ``rope_mixed``)."""
-        if isinstance(rope_recipe, str):
-            recipe = _RECIPE_BUILDERS[check_choice("rope_recipe", rope_recipe, VisionRecipe)](head_dim, len(grid_size))
-        else:
-            recipe = rope_recipe if isinstance(rope_recipe, RopeRecipe) else rope_recipe(head_dim)
-        if not isinstance(recipe, RopeRecipe):
-            raise TypeError(f"rope_recipe must be an ndrope.recipes.RopeRecipe or a function of head_dim returning one, got {recipe!r}")
-        if kind is None:
-            raise ValueError(f"rope_recipe needs a RoPE pos_embed (rope_axial, rope_mixed, ...), got pos_embed={pos_embed!r}")
-        freqs, n_axes = recipe.freqs, len(grid_size)
-        heads = () if freqs.dim() == 2 else (freqs.shape[0],)
-        if freqs.shape[-2] != n_axes or freqs.shape[-1] > head_dim // 2 or heads not in ((), (self.num_heads,)):
-            raise ValueError(
-                f"rope_recipe's frequencies {tuple(freqs.shape)} do not fit this model: expected (A, P) or "
-                f"(H, A, P) with A = ndim = {n_axes}, H = num_heads = {self.num_heads}, P <= head_dim // 2 = {head_dim // 2}"
-            )
-        self.rope_coordinates, self.rope_attention_scale = recipe.coordinates, recipe.attention_scale
-        if kind == "mixed":  # one learned copy per layer, initialised with the recipe's values
-            per_head = freqs.expand(self.num_heads, *freqs.shape[-2:])
-            freqs = per_head.repeat(depth, 1, 1)
-        return ndrope.RotaryEmbedding.from_frequencies(
-            freqs.float() if kind == "mixed" else freqs, learnable=kind == "mixed", layout=ROPE_LAYOUT
-        )
+        self._resolution_mode: ResolutionMode | None = None
+        if rope_resolution_mode is not None or applicable_resolution_modes(pos_embed, rope_recipe):
+            self.set_resolution_mode(DEFAULT_RESOLUTION_MODE if rope_resolution_mode is None else rope_resolution_mode)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         """timm's set plus the learned RoPE-Mixed frequencies (Heo et al. exclude them too)."""
         return super().no_weight_decay() | {"rope.freqs"}
 
+    @property
+    def rope_resolution_mode(self) -> ResolutionMode | None:
+        """How RoPE positions grids other than the training grid (None where no mode applies)."""
+        return self._resolution_mode
+
     def set_resolution_mode(self, mode: ResolutionMode) -> None:
-        """Choose the RoPE coordinates for grids other than the training grid (inference-time switch).
+        """Choose the RoPE coordinates for grids other than the training grid (an inference-time switch).
 
         ``"extrapolate"``: integer patch indices, a larger grid reaches new positions;
         ``"interpolate"``: positions rescaled onto the training grid's range (EVA-02, FlexiViT style);
         ``"ntk"``: integer indices with NTK-aware frequency scaling. The training grid itself is
-        unaffected. Models without RoPE have no coordinate convention to choose; for them only the
-        value is checked and recorded.
+        unaffected. A model without RoPE, or with a ``rope_recipe`` (whose coordinate law places
+        every grid), has no mode to choose: setting one raises ValueError.
         """
-        self.rope_resolution_mode = check_choice("mode", mode, ResolutionMode)
+        applicable = applicable_resolution_modes(self.pos_embed_type, self.rope_recipe)
+        if not applicable:
+            reason = f"rope_recipe={self.rope_recipe!r} places every grid" if self.rope else "it has no RoPE"
+            raise ValueError(f"rope_resolution_mode={mode!r} does not apply to pos_embed={self.pos_embed_type!r}: {reason}")
+        self._resolution_mode = check_choice("rope_resolution_mode", mode, ResolutionMode)
 
     @property
     def augments_positions(self) -> bool:
         """Whether this forward draws RoPE coordinate augmentation (training mode with it configured)."""
-        return self.training and (self.rope_shift > 0 or self.rope_jitter > 1 or self.rope_rescale > 1)
+        return self.training and self.rope_plan is not None and self.rope_plan.augments
 
-    def rotary_tables(self, grid_shape: Sequence[int]) -> list[Rotation | None]:
-        """The (cos, sin) pair each block rotates q and k by, for a grid; ``None`` entries without RoPE.
+    def rotary_tables(self, grid_shape: Sequence[int], keep: Tensor | None = None) -> list[Rotation | None]:
+        """The (cos, sin) each block rotates q and k by, for a grid; ``None`` entries without RoPE.
 
-        Axial: one (k + N, P) pair shared by all layers and heads (cached per grid by ndrope when the
-        frequencies are fixed). Mixed: one (H, k + N, P) pair per layer, all computed together. The k
-        prefix rows are angle 0 (cos 1, sin 0): class and register tokens are not rotated.
+        Axial: one (k + N, P) pair shared by all blocks (cached for the training grid by ndrope).
+        Mixed: one (H, k + N, P) pair per block, all computed together. The k prefix rows are the
+        identity: class and register tokens are not rotated. ``keep`` (B, k + M): the token indices
+        patch dropout kept; the tables are then (B, 1 or H, k + M, P).
         """
         if self.rope is None:
             return [None] * len(self.blocks)
-        grid_shape = tuple(grid_shape)
-        positions: Any = grid_shape
-        if self.rope_coordinates is not None:  # a recipe's coordinates, at every grid
-            positions = self.rope_coordinates(grid_shape, dtype=torch.float32, device=self.rope.freqs.device)
-        if self.augments_positions:
-            if not isinstance(positions, Tensor):
-                positions = self.rope.positions(grid_shape, mode=self.rope_resolution_mode)
-            positions = ndrope.augment_positions(
-                positions, shift=self.rope_shift, jitter=self.rope_jitter, rescale=self.rope_rescale
-            )
-        cos, sin = self.rope.rotation(
-            positions,
-            mode=self.rope_resolution_mode,
+        return self.rope_plan.rotations(
+            self.rope,
+            grid_shape,
+            mode=self._resolution_mode,
+            training=self.training,
             num_prefix_tokens=self.num_prefix_tokens,
+            keep=keep,
             dtype=self.patch_embed.proj.weight.dtype,  # float64 tables for a float64 model
         )
-        if self.rope_attention_scale != 1.0:
-            cos, sin = cos * self.rope_attention_scale, sin * self.rope_attention_scale
-        if cos.dim() == 3 and cos.shape[0] == self.num_heads and len(self.blocks) > 1 and not self.rope.learnable:
-            return [(cos, sin)] * len(self.blocks)  # fixed per-head frequencies, shared by the layers
-        if cos.dim() == 2:  # axial: one table for every layer and head
-            return [(cos, sin)] * len(self.blocks)
-        per_layer = (cos.unflatten(0, (-1, self.num_heads)), sin.unflatten(0, (-1, self.num_heads)))  # (L, H, k+N, P)
-        return list(zip(per_layer[0].unbind(0), per_layer[1].unbind(0)))
 
     def attention_bias(self, grid_shape: Sequence[int]) -> Tensor | None:
         """The additive logit bias (H, k + N, k + N) shared by all blocks (ALiBi), or ``None``."""
@@ -426,23 +279,20 @@ class NDRopeVisionTransformer(VisionTransformer):
     def _check_input(self, x: Tensor) -> None:
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor of shape (B, C, *spatial), got {type(x).__name__}")
+        shape, spatial, patch = tuple(x.shape), tuple(x.shape[2:]), tuple(self.patch_embed.patch_size)
         if x.dim() != self.ndim + 2:
             raise ValueError(
-                f"x has shape {tuple(x.shape)} (rank {x.dim()}) but this model has ndim={self.ndim} spatial axes: "
+                f"x has shape {shape} (rank {x.dim()}) but this model has ndim={self.ndim} spatial axes: "
                 f"expected rank {self.ndim + 2}, (B, C, *spatial)"
             )
         if x.shape[1] != self.in_chans:
-            raise ValueError(f"x has {x.shape[1]} channels (shape {tuple(x.shape)}) but in_chans={self.in_chans}")
-        if x.shape[0] == 0:
-            raise ValueError(f"x has shape {tuple(x.shape)}: a batch of 0 samples; pass at least one")
-        spatial, patch = tuple(x.shape[2:]), tuple(self.patch_embed.patch_size)
-        if min(spatial) == 0:
-            raise ValueError(f"x has shape {tuple(x.shape)}: spatial size {spatial} has an empty axis")
+            raise ValueError(f"x has {x.shape[1]} channels (shape {shape}) but in_chans={self.in_chans}")
+        if x.shape[0] == 0 or min(spatial) == 0:
+            what = "a batch of 0 samples; pass at least one" if x.shape[0] == 0 else f"spatial size {spatial} has an empty axis"
+            raise ValueError(f"x has shape {shape}: {what}")
         weight = self.patch_embed.proj.weight
         if not x.is_floating_point():
-            raise TypeError(
-                f"x has dtype {x.dtype}; the model takes floating-point images (e.g. x.float() / 255 for uint8 pixels)"
-            )
+            raise TypeError(f"x has dtype {x.dtype}; the model takes floating-point images (e.g. x.float() / 255 for uint8)")
         if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(
                 f"x has dtype {x.dtype} but the model's weights are {weight.dtype}: cast one to the other "
@@ -460,9 +310,7 @@ class NDRopeVisionTransformer(VisionTransformer):
         if not isinstance(attn_mask, Tensor):
             raise TypeError(f"attn_mask must be a Tensor broadcastable to (B, H, k + N, k + N) = {expected}")
         if attn_mask.device != self.patch_embed.proj.weight.device:
-            raise ValueError(
-                f"attn_mask is on {attn_mask.device} but the model is on {self.patch_embed.proj.weight.device}"
-            )
+            raise ValueError(f"attn_mask is on {attn_mask.device} but the model is on {self.patch_embed.proj.weight.device}")
         if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
             raise TypeError(f"attn_mask has dtype {attn_mask.dtype}; use bool (True = may attend) or an additive float bias")
         try:
@@ -484,12 +332,8 @@ class NDRopeVisionTransformer(VisionTransformer):
         if self.pos_embed is not None:
             # timm's layouts: rows for the prefix tokens too (original ViT), or patches only (no_embed_class)
             covers_prefix = not self.no_embed_class
-            table = resample_pos_embed(
-                self.pos_embed,
-                grid_shape,
-                self.patch_embed.grid_size,
-                num_prefix_tokens=self.num_prefix_tokens if covers_prefix else 0,
-            )
+            k = self.num_prefix_tokens if covers_prefix else 0
+            table = resample_pos_embed(self.pos_embed, grid_shape, self.patch_embed.grid_size, num_prefix_tokens=k)
         elif self.fixed_pos_embed is not None:
             table = self.fixed_pos_embed(grid_shape, device=x.device).to(x.dtype)  # N, C
         if table is not None and not covers_prefix:
@@ -500,47 +344,35 @@ class NDRopeVisionTransformer(VisionTransformer):
             x = x + table
         return self.pos_drop(x)
 
-    def _tokens(
+    def _embed(
         self, x: Tensor, attn_mask: Tensor | None
     ) -> tuple[Tensor, tuple[int, ...], list[Rotation | None], Tensor | None]:
-        """Input (B, C, *spatial) -> tokens (B, k + N, C), grid_shape, per-block rotations, logit bias."""
+        """Input (B, C, *spatial) -> tokens (B, k + N, C), grid_shape, the rotation of each block, the logit bias.
+
+        After patch dropout the tokens are (B, k + M, C), the rotations (B, 1 or H, k + M, P) and the
+        bias (B, H or 1, k + M, k + M): kept tokens keep their own positions.
+        """
         self._check_input(x)
         x = self.patch_embed(x)  # B, *grid_shape, C
         grid_shape = tuple(x.shape[1:-1])
         x = self._pos_embed(x)
-        ropes, bias = self.rotary_tables(grid_shape), self.attention_bias(grid_shape)
+        bias = self.attention_bias(grid_shape)
         if attn_mask is not None:
             self._check_attn_mask(attn_mask, x.shape[0], x.shape[1])
             if attn_mask.dtype == torch.bool:  # SDPA convention: True = may attend
                 attn_mask = torch.zeros(attn_mask.shape, device=x.device).masked_fill(~attn_mask, float("-inf"))
             bias = attn_mask if bias is None else bias + attn_mask
+        keep = None
         if isinstance(self.patch_drop, PatchDropoutWithIndices):
-            n_tokens = x.shape[1]
-            x, keep = self.patch_drop(x)
-            if keep is not None:
-                ropes, bias = self._keep_positions(keep, ropes, bias, n_tokens=n_tokens)
-        return self.norm_pre(x), grid_shape, ropes, bias
-
-    def _keep_positions(
-        self, keep: Tensor, ropes: list[Rotation | None], bias: Tensor | None, *, n_tokens: int
-    ) -> tuple[list[Rotation | None], Tensor | None]:
-        """Restrict the tables for all ``n_tokens`` tokens to those patch dropout kept: keep (B, M) patch indices."""
-        B, k = keep.shape[0], self.num_prefix_tokens
-        index = torch.cat((torch.arange(k, device=keep.device).expand(B, k), keep + k), dim=1)  # B, k + M
-        if bias is not None:
-            bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
-            bias = bias.expand(B, -1, n_tokens, n_tokens)  # B, H or 1, k + N, k + N
-            bias = _gather_tokens(_gather_tokens(bias, index, 2), index, 3)  # B, H or 1, k + M, k + M
-        kept = []
-        for rope in ropes:
-            if rope is not None:
-                # (N, P) or (H, N, P) -> B, H or 1, k + M, P
-                rope = tuple(
-                    _gather_tokens(t.reshape((1,) * (4 - t.dim()) + tuple(t.shape)).expand(B, -1, -1, -1), index, 2)
-                    for t in rope
-                )
-            kept.append(rope)
-        return kept, bias
+            (B, tokens, _), k = x.shape, self.num_prefix_tokens
+            x, kept_patches = self.patch_drop(x)
+            if kept_patches is not None:
+                keep = torch.cat((torch.arange(k, device=x.device).expand(B, k), kept_patches + k), dim=1)  # B, k + M
+                if bias is not None:  # rows, then columns: B, H or 1, k + M, k + M
+                    bias = bias.reshape((1,) * (4 - bias.dim()) + bias.shape).expand(B, -1, tokens, tokens)
+                    bias = keep_tokens(bias, keep, has_batch=True).transpose(-1, -2)
+                    bias = keep_tokens(bias, keep, has_batch=True).transpose(-1, -2)
+        return self.norm_pre(x), grid_shape, self.rotary_tables(grid_shape, keep), bias
 
     def _run_block(self, block: nn.Module, x: Tensor, rope: Rotation | None, bias: Tensor | None) -> Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():
@@ -553,7 +385,7 @@ class NDRopeVisionTransformer(VisionTransformer):
         ``attn_mask``: optional mask broadcastable to (B, H, k + N, k + N), boolean (True = may
         attend, as in SDPA) or additive float; combined with the model's own bias.
         """
-        x, _, ropes, bias = self._tokens(x, attn_mask)
+        x, _, ropes, bias = self._embed(x, attn_mask)
         for block, rope in zip(self.blocks, ropes):
             x = self._run_block(block, x, rope, bias)
         return self.norm(x)
@@ -589,13 +421,13 @@ class NDRopeVisionTransformer(VisionTransformer):
         """
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt={output_fmt!r} is not supported; choose 'NCHW' or 'NLC'")
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        x, grid_shape, ropes, bias = self._tokens(x, attn_mask)
-        blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
+        take = _take_indices(len(self.blocks), indices)
+        x, grid_shape, ropes, bias = self._embed(x, attn_mask)
+        blocks = self.blocks[: max(take) + 1] if stop_early else self.blocks
         intermediates = []
         for i, (block, rope) in enumerate(zip(blocks, ropes)):
             x = self._run_block(block, x, rope, bias)
-            if i in take_indices:
+            if i in take:
                 intermediates.append(self.norm(x) if norm else x)
         k = self.num_prefix_tokens
         prefix_tokens = [y[:, :k] for y in intermediates]
@@ -607,23 +439,3 @@ class NDRopeVisionTransformer(VisionTransformer):
         if intermediates_only:
             return intermediates
         return self.norm(x), intermediates
-
-
-def create_vit(pos_embed: PosEmbed = DEFAULT_POS_EMBED, **kwargs: Any) -> NDRopeVisionTransformer:
-    """Build a ViT with the given position encoding; ``kwargs`` as `NDRopeVisionTransformer` (any timm
-    `VisionTransformer` keyword, plus ``ndim``, ``rope_theta``, ``rope_resolution_mode``, ...).
-
-    >>> create_vit("rope_axial", ndim=3, img_size=(8, 32, 32), patch_size=(2, 4, 4), embed_dim=192,
-    ...            depth=6, num_heads=3, num_classes=10)   # video (B, 3, t, h, w), t, h, w multiples of the patch
-    """
-    return NDRopeVisionTransformer(pos_embed, **kwargs)
-
-
-def set_resolution_mode(model: nn.Module, mode: ResolutionMode) -> None:
-    """Set the RoPE resolution mode (see `NDRopeVisionTransformer.set_resolution_mode`) of every
-    `NDRopeVisionTransformer` in ``model`` (the model itself, or e.g. a LightningModule holding it)."""
-    found = [module for module in model.modules() if isinstance(module, NDRopeVisionTransformer)]
-    if not found:
-        raise TypeError(f"model ({type(model).__name__}) contains no NDRopeVisionTransformer")
-    for vit in found:
-        vit.set_resolution_mode(mode)

@@ -1,4 +1,5 @@
-"""Patch embedding for inputs with any number of spatial axes: sequences, video, volumes over time."""
+"""Patch embeddings that emit the grid channels-last (timm's ``dynamic_img_size`` layout), so the model reads
+the grid shape from them: `PatchEmbed2d` (timm's, for images) and `PatchEmbedND` (sequences, video, volumes over time)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,28 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from timm.layers import PatchEmbed
 from torch import Tensor, nn
+
+
+def pad_to_patches(x: Tensor, patch_size: Sequence[int]) -> Tensor:
+    """Zero-pad x (B, C, *spatial) at the end of every spatial axis up to a multiple of ``patch_size``."""
+    pad = [(-size) % patch for size, patch in zip(x.shape[2:], patch_size)]
+    return F.pad(x, [amount for p in reversed(pad) for amount in (0, p)])  # F.pad lists the last axis first
+
+
+class PatchEmbed2d(PatchEmbed):
+    """timm's `PatchEmbed` (same parameters, init and checkpoints): x (B, C, h, w) -> (B, h / p, w / p, embed_dim).
+
+    Always channels-last, as timm builds it for ``dynamic_img_size``. Only the forward differs: timm's formats the input size into its assert messages on every call,
+    which makes torch.compile specialise on each resolution (a recompile per size even with
+    ``dynamic=True``). The model checks the size once, with an error that names it, before this runs.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.dynamic_img_pad:
+            x = pad_to_patches(x, self.patch_size)
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))  # NCHW -> NHWC
 
 
 class PatchEmbedND(nn.Module):
@@ -79,6 +101,5 @@ class PatchEmbedND(nn.Module):
         if self.strict_img_size and spatial != self.img_size:
             raise ValueError(f"input size {spatial} must equal img_size={self.img_size} (strict_img_size=True)")
         if self.dynamic_img_pad:
-            pad = [(-size) % patch for size, patch in zip(spatial, self.patch_size)]
-            x = F.pad(x, [amount for p in reversed(pad) for amount in (0, p)])  # F.pad lists the last axis first
+            x = pad_to_patches(x, self.patch_size)
         return self.norm(self.proj(rearrange(x, self._pattern, **self._patch_axes)))

@@ -17,6 +17,7 @@ Shape alphabet: H heads, N tokens, C embedding channels, A axes; grids as ``grid
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from typing import Literal
 
@@ -127,8 +128,10 @@ def resample_pos_embed(
     timm's ``dynamic_img_size`` ViT. Other dimensionalities interpolate linearly one axis at a time
     (``align_corners=False``), which is exactly multilinear interpolation (trilinear in 3D); torch
     has no 4D mode to call instead. Returns the input unchanged when the grids are equal.
+    Under torch.compile the grid is made concrete (one graph per grid): torch has no symbolic-shape
+    backward for antialiased bicubic resampling.
     """
-    new_grid, old_grid = [int(s) for s in new_grid], [int(s) for s in old_grid]
+    new_grid, old_grid = [operator.index(s) for s in new_grid], [operator.index(s) for s in old_grid]
     if len(old_grid) == 2:
         return resample_abs_pos_embed(pos_embed, new_grid, old_grid, num_prefix_tokens=num_prefix_tokens)
     if new_grid == old_grid:
