@@ -167,7 +167,7 @@ def test_top5_with_more_than_ten_classes(data: Path, tmp_path: Path) -> None:
 def test_net_is_a_hyperparameter_only_as_a_config(data: Path, tmp_path: Path, recwarn: pytest.WarningsRecorder) -> None:
     """From the CLI, checkpoints record the net's class_path/init_args (the architecture the checkpoint check
     compares); a net built in Python is no hyperparameter (its weights are in the state dict), without a warning."""
-    net = vit.create_vit("learned", img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=32, depth=1,
+    net = vit.NDRopeVisionTransformer("learned", img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=32, depth=1,
                          num_heads=2)
     model = ImageClassifier(net, lr=3e-3, eval_resolutions=[28, 36])
     assert dict(model.hparams) == {"lr": 3e-3, "weight_decay": 0.05, "warmup_epochs": 5.0, "min_lr_ratio": 0.01,
