@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from . import functional as rope_f
-from ._checks import check_choice, check_finite, check_int, check_shape, check_tensor, choices
+from ._checks import check_choice, check_finite, check_int, check_number, check_shape, check_tensor, choices
 from .positions import grid
+
+if TYPE_CHECKING:
+    from .recipes import RopeRecipe
 
 #: How a grid other than the training grid (``reference_shape``) is positioned: ``"extrapolate"``
 #: integer indices (a larger grid reaches new positions), ``"interpolate"`` indices rescaled to span
@@ -19,6 +23,12 @@ ResolutionMode = Literal["extrapolate", "interpolate", "ntk"]
 RESOLUTION_MODES: tuple[str, ...] = choices(ResolutionMode)
 #: Positions as a tensor (..., N, A), or the shape of a row-major grid.
 Positions = Tensor | Sequence[int]
+
+
+class CoordinateLaw(Protocol):
+    """A grid's coordinate law, such as `ndrope.recipes.Coordinates`: positions (N, A) of a row-major grid."""
+
+    def __call__(self, shape: Sequence[int], *, dtype: torch.dtype, device: torch.device | str | None) -> Tensor: ...
 
 
 class RotaryEmbedding(nn.Module):
@@ -76,11 +86,19 @@ class RotaryEmbedding(nn.Module):
         layout: rope_f.Layout = "half",
         reference_shape: Sequence[int] | None = None,
     ) -> RotaryEmbedding:
-        """RoPE with any frequency matrix F (A, P) or (H, A, P) (for example a `ndrope.recipes` one).
+        """RoPE with any frequency matrix F (A, P) or (H, A, P).
 
         ``learnable=True`` makes F a parameter (kept in float32 at least); fixed F is a buffer that is
-        saved in the state dict (it may not be recomputable from a config).
+        saved in the state dict (it may not be recomputable from a config). F is all this keeps: grids
+        get integer `ndrope.grid` positions and cos/sin are not scaled. A `ndrope.recipes` scheme also
+        carries an attention scale (YaRN 1 + 0.1 ln s) and a coordinate law (DINOv3's [-1, 1] centres):
+        build it with `from_recipe`, which keeps both (a recipe passed here is refused).
         """
+        if not isinstance(freqs, Tensor) and hasattr(freqs, "freqs") and hasattr(freqs, "coordinates"):
+            raise TypeError(
+                "from_frequencies takes a frequency tensor; for a recipe use RotaryEmbedding.from_recipe(recipe), "
+                "which keeps its attention scale and coordinate law (recipe.freqs alone drops them)"
+            )
         check_tensor("freqs", freqs, min_rank=2)
         if freqs.dim() > 3 or not freqs.is_floating_point():
             raise ValueError(f"freqs must be a floating (A, P) or (H, A, P) tensor, got {freqs.dtype} {tuple(freqs.shape)}")
@@ -88,6 +106,43 @@ class RotaryEmbedding(nn.Module):
         module = cls.__new__(cls)
         nn.Module.__init__(module)
         module._setup(freqs, learnable=learnable, persistent=True, layout=layout, reference_shape=reference_shape)
+        return module
+
+    @classmethod
+    def from_recipe(
+        cls,
+        recipe: RopeRecipe,
+        *,
+        learnable: bool = False,
+        reference_shape: Sequence[int] | None = None,
+    ) -> RotaryEmbedding:
+        """RoPE that rotates exactly as a `ndrope.recipes` scheme: its frequencies F, channel layout,
+        attention scale (cos and sin times ``recipe.attention_scale``: YaRN, LongRoPE) and coordinate law
+        (a grid shape is positioned by ``recipe.coordinates``: DINOv3's centres, EVA-02's rescale, ``xy``).
+
+            rope = RotaryEmbedding.from_recipe(recipes.yarn(128, factor=4.0, original_max_position_embeddings=4096))
+            cos, sin = rope.rotation(positions)        # (N, P) each, scaled by 1 + 0.1 ln 4
+
+        Fixed frequencies are a non-persistent buffer (the recipe recomputes them, so a state dict is the
+        same with and without this module's table); ``learnable=True`` makes F a parameter initialised
+        from the recipe (saved). With a coordinate law other than integer indices, ``mode="interpolate"``
+        applies only to index laws without a reference shape of their own (see `positions`).
+        """
+        for name in ("freqs", "layout", "attention_scale", "coordinates"):
+            if not hasattr(recipe, name):
+                raise TypeError(f"recipe must be an ndrope.recipes.RopeRecipe (no {name!r}), got {type(recipe).__name__}")
+        check_finite("recipe.freqs", recipe.freqs)
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module._setup(
+            recipe.freqs,
+            learnable=learnable,
+            persistent=False,
+            layout=recipe.layout,
+            reference_shape=reference_shape,
+            attention_scale=recipe.attention_scale,
+            coordinates=None if _is_index_grid(recipe.coordinates) else recipe.coordinates,
+        )
         return module
 
     @classmethod
@@ -113,11 +168,23 @@ class RotaryEmbedding(nn.Module):
         return cls.from_frequencies(freqs, learnable=learnable, layout=layout, reference_shape=reference_shape)
 
     def _setup(
-        self, freqs: Tensor, *, learnable: bool, persistent: bool, layout: str, reference_shape: Sequence[int] | None
+        self,
+        freqs: Tensor,
+        *,
+        learnable: bool,
+        persistent: bool,
+        layout: str,
+        reference_shape: Sequence[int] | None,
+        attention_scale: float = 1.0,
+        coordinates: CoordinateLaw | None = None,
     ) -> None:
         self.layout = check_choice("layout", layout, rope_f.Layout)
         if not isinstance(learnable, bool):
             raise TypeError(f"learnable={learnable!r} must be a bool")
+        #: factor on cos and sin (a recipe's attention scale: YaRN, LongRoPE); 1.0 otherwise
+        self.attention_scale = check_number("attention_scale", attention_scale)
+        #: how a grid shape is positioned (a recipe's `Coordinates`); None: integer indices (`ndrope.grid`)
+        self.coordinates = coordinates
         self.n_axes = freqs.shape[-2]
         self.reference_shape = None if reference_shape is None else self._check_grid("reference_shape", reference_shape)
         if learnable:
@@ -143,9 +210,11 @@ class RotaryEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         heads = f", num_heads={self.freqs.shape[0]}" if self.freqs.dim() == 3 else ""
+        scale = f", attention_scale={self.attention_scale:g}" if self.attention_scale != 1.0 else ""
+        law = f", coordinates={self.coordinates}" if self.coordinates is not None else ""
         return (
             f"pairs={self.pairs}, n_axes={self.n_axes}{heads}, learnable={self.learnable}, layout={self.layout!r}, "
-            f"reference_shape={self.reference_shape}"
+            f"reference_shape={self.reference_shape}{scale}{law}"
         )
 
     def _apply(self, fn: Any, recurse: bool = True) -> RotaryEmbedding:
@@ -176,17 +245,39 @@ class RotaryEmbedding(nn.Module):
     def _reference_table(self) -> tuple[Tensor, Tensor]:
         # never an inference tensor, whatever mode the module is built or moved in: it serves autograd
         with torch.no_grad(), torch.inference_mode(False):
-            positions = grid(self.reference_shape, device=self.freqs.device)
-            return rope_f.cos_sin(rope_f._phase(positions, self.freqs, self._table_dtype))
+            positions = self._grid_positions(self.reference_shape, "extrapolate", torch.float64)
+            return self._scaled(rope_f.cos_sin(rope_f._phase(positions, self.freqs, self._table_dtype)))
+
+    def _scaled(self, table: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        cos, sin = table
+        if self.attention_scale != 1.0:
+            return cos * self.attention_scale, sin * self.attention_scale
+        return cos, sin
 
     def positions(self, grid_shape: Sequence[int], *, mode: ResolutionMode = "extrapolate") -> Tensor:
-        """Positions (N, A) of a row-major grid under a resolution mode (``"ntk"`` positions are integer)."""
+        """Positions (N, A), float32, of a row-major grid under a resolution mode (``"ntk"`` positions are
+        those of ``"extrapolate"``). With a recipe's coordinate law (`from_recipe`) the law positions the
+        grid; ``"interpolate"`` then rescales onto ``reference_shape`` only an index law without a reference
+        shape of its own (a normalised law such as DINOv3's is resolution-free already)."""
         grid_shape = self._check_grid("grid_shape", grid_shape)
         check_choice("mode", mode, ResolutionMode)
+        return self._grid_positions(grid_shape, mode, torch.float32)
+
+    def _grid_positions(self, grid_shape: tuple[int, ...], mode: str, dtype: torch.dtype) -> Tensor:
         if mode != "extrapolate" and self.reference_shape is None:
             raise ValueError(f"mode={mode!r} needs reference_shape (the training grid)")
         reference = self.reference_shape if mode == "interpolate" else None
-        return grid(grid_shape, reference_shape=reference, device=self.freqs.device)
+        if self.coordinates is None:
+            return grid(grid_shape, reference_shape=reference, dtype=dtype, device=self.freqs.device)
+        law = self.coordinates
+        if reference is not None:
+            if getattr(law, "kind", None) != "index" or getattr(law, "reference_shape", None) is not None:
+                raise ValueError(
+                    f"mode='interpolate' rescales integer grids, but this module positions grids by {law}; "
+                    "use mode='extrapolate' (the law handles other grids) or 'ntk'"
+                )
+            law = dataclasses.replace(law, reference_shape=reference)
+        return law(grid_shape, dtype=dtype, device=self.freqs.device)
 
     def frequencies(self, grid_shape: Sequence[int] | None = None, *, mode: ResolutionMode = "extrapolate") -> Tensor:
         """Frequencies (A, P) or (H, A, P) in effect for ``grid_shape`` (NTK-scaled in ``"ntk"`` mode)."""
@@ -214,7 +305,7 @@ class RotaryEmbedding(nn.Module):
             if positions.shape[-1] != self.n_axes:
                 raise ValueError(f"positions shape {tuple(positions.shape)} must end with n_axes={self.n_axes} coordinates")
             phase = rope_f.angles(positions.to(self.freqs.device), self.freqs, dtype=self._table_dtype)
-            cos, sin = rope_f.cos_sin(phase)
+            cos, sin = self._scaled(rope_f.cos_sin(phase))
         else:
             grid_shape = self._check_grid("grid_shape", positions)
             if self.reference_cos is not None and grid_shape == self.reference_shape:
@@ -222,8 +313,8 @@ class RotaryEmbedding(nn.Module):
             else:
                 freqs = self.frequencies(grid_shape, mode=mode)
                 # grid positions are finite by construction: no NaN check (a device sync on GPU)
-                phase = rope_f._phase(self.positions(grid_shape, mode=mode), freqs, self._table_dtype)
-                cos, sin = rope_f.cos_sin(phase)
+                phase = rope_f._phase(self._grid_positions(grid_shape, mode, torch.float64), freqs, self._table_dtype)
+                cos, sin = self._scaled(rope_f.cos_sin(phase))
         if num_prefix_tokens:
             prefix = (*cos.shape[:-2], num_prefix_tokens, cos.shape[-1])
             cos = torch.cat((cos.new_ones(prefix), cos), dim=-2)
@@ -265,6 +356,12 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"q has {q.shape[-2]} tokens but k has {k.shape[-2]}; self-attention q and k must match")
         rotation = self.rotation(positions, mode=mode, num_prefix_tokens=num_prefix_tokens)
         return rope_f.apply_rotary(q, rotation, layout=self.layout), rope_f.apply_rotary(k, rotation, layout=self.layout)
+
+
+def _is_index_grid(law: Any) -> bool:
+    """Whether a coordinate law is `ndrope.grid`'s: integer (i, j, ...) indices, no offset or rescale."""
+    defaults = {"kind": "index", "reference_shape": None, "offset": 0.0, "indexing": "ij"}
+    return all(getattr(law, name, object()) == value for name, value in defaults.items())
 
 
 def _rebuild_reference_table(module: RotaryEmbedding, incompatible_keys: Any) -> None:
