@@ -123,9 +123,9 @@ class RotaryEmbedding(nn.Module):
             rope = RotaryEmbedding.from_recipe(recipes.yarn(128, factor=4.0, original_max_position_embeddings=4096))
             cos, sin = rope.rotation(positions)        # (N, P) each, scaled by 1 + 0.1 ln 4
 
-        Fixed frequencies are a non-persistent buffer (the recipe recomputes them, so a state dict is the
-        same with and without this module's table); ``learnable=True`` makes F a parameter initialised
-        from the recipe (saved). With a coordinate law other than integer indices, ``mode="interpolate"``
+        Fixed frequencies are a non-persistent float64 buffer (the recipe recomputes them, so a state dict is
+        the same with and without this module's table); ``learnable=True`` makes F a float32 parameter
+        initialised from the recipe (saved). With a coordinate law other than integer indices, ``mode="interpolate"``
         applies only to index laws without a reference shape of their own (see `positions`).
         """
         for name in ("freqs", "layout", "attention_scale", "coordinates"):
@@ -135,7 +135,7 @@ class RotaryEmbedding(nn.Module):
         module = cls.__new__(cls)
         nn.Module.__init__(module)
         module._setup(
-            recipe.freqs,
+            recipe.freqs.float() if learnable is True else recipe.freqs,  # learned in float32, as optimizers expect
             learnable=learnable,
             persistent=False,
             layout=recipe.layout,
