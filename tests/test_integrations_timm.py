@@ -6,6 +6,7 @@ timm's layout and ndrope's."""
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from recipe_parity import max_abs
 import ndrope
 from ndrope import recipes
 
-timm = pytest.importorskip("timm")
+timm = pytest.importorskip("timm", minversion="1.0.20")  # the first with naver RoPE-ViT and DINOv3 in Eva
 from timm.layers import pos_embed_sincos  # noqa: E402
 from timm.models import eva  # noqa: E402
 
@@ -34,6 +35,10 @@ MODELS = {
                                                                  rope_grid_offset=0.5)),
 }
 IMAGE = {"eva02_ref_feat_shape_other_grid": (70, 42)}  # 5 x 3 patches of 14 against the 4 x 4 reference
+# timm < 1.0.30: RotaryEmbeddingCat has no rotate_half (Eva's rope_rotate_half then disagrees with its table)
+HALF_CAT = "rotate_half" in inspect.signature(pos_embed_sincos.RotaryEmbeddingCat).parameters
+# timm < 1.0.31: no rope coordinate augmentation
+AUGMENTS = "rope_rescale_coords" in inspect.signature(eva.Eva).parameters
 
 
 def build(name: str, **overrides):
@@ -63,6 +68,8 @@ def rotations(run) -> int:
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_eva_family_keeps_outputs(name):
+    if name == "naver_half_offset" and not HALF_CAT:
+        pytest.skip("timm < 1.0.30: rope_rotate_half is not applied to timm's own table")
     original = build(name)
     patched = integration.patch(copy.deepcopy(original))
     assert isinstance(patched.rope, integration.TimmRotaryEmbedding)
@@ -100,6 +107,7 @@ def test_set_input_size_moves_the_grid_as_timm_does():
         assert max_abs(patched.forward_features(x), original.forward_features(x)) <= 1e-4
 
 
+@pytest.mark.skipif(not AUGMENTS, reason="timm < 1.0.31 has no RoPE coordinate augmentation")
 def test_coordinate_augmentation_in_training():
     original = build("dinov3", rope_rescale_coords=2.0, rope_shift_coords=0.1).train()
     patched = integration.patch(copy.deepcopy(original))
@@ -207,6 +215,17 @@ def test_an_unknown_rope_module_is_named():
     model.rope = pos_embed_sincos.RotaryEmbedding(16, in_pixels=False)
     with pytest.raises(ValueError, match="RotaryEmbedding, which patch does not know"):
         integration.patch(model)
+
+
+def test_a_configuration_timm_applies_inconsistently_is_refused():
+    """Each attention applies timm's table with its own rotate_half: one that disagrees with the table is a rotation
+    ndrope's recipe does not describe, so patch refuses (as old timm releases built such models)."""
+    model = build("naver_rope_axial")
+    for block in model.blocks:
+        block.attn.rotate_half = True  # the table is interleaved
+    with pytest.raises(ValueError, match="rotate_half may disagree"):
+        integration.patch(model)
+    assert not isinstance(model.rope, integration.TimmRotaryEmbedding)
 
 
 def test_patching_twice_is_a_clear_error():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,8 +26,8 @@ from recipe_parity import max_abs
 import ndrope
 from ndrope import recipes
 
-# 5.25: the first release with the vision rotary modules' (x, position_ids) interface (see the README)
-transformers = pytest.importorskip("transformers", minversion="5.25")
+# 5.17: the oldest release patch supports (ndrope.integrations.transformers.MIN_VERSION)
+transformers = pytest.importorskip("transformers", minversion="5.17")
 from transformers import (  # noqa: E402
     DINOv3ViTConfig,
     DINOv3ViTModel,
@@ -485,6 +486,23 @@ def test_a_coordinate_law_cannot_go_where_the_model_hands_integer_positions():
 def test_several_rotary_modules_need_a_named_recipe():
     with pytest.raises(ValueError, match=r"rotary modules \['model.visual.rotary_pos_emb', 'model.language_model"):
         integration.patch(qwen("qwen2_vl"), recipe=recipes.standard(16))
+
+
+def readme_block(marker: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    return next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL) if marker in b)
+
+
+def test_readme_examples_run():
+    namespace: dict = {}
+    exec(readme_block("ndrope_hf.patch(LlamaForCausalLM"), namespace)
+    assert namespace["tokens"].shape == (1, 8)
+    assert isinstance(namespace["model"].model.rotary_emb, integration.TextRotaryEmbedding)
+    assert namespace["other"].model.rotary_emb.rope.freqs.shape == (1, 8)
+    namespace = {}
+    exec(readme_block("RotaryEmbedding.mixed(64, 2, num_heads=3)"), namespace)
+    assert namespace["dino"].rope_embeddings.rope.learnable
+    assert namespace["vit"](torch.randn(1, 3, 64, 96)).shape == (1, 1000)
 
 
 def test_importing_the_integration_imports_no_model_library():

@@ -8,7 +8,7 @@ attention (``EvaAttention``, ``AttentionRope``) calls the module-level ``apply_r
 ``model.rope`` by `TimmRotaryEmbedding` (timm's interface, an `ndrope.RotaryEmbedding` inside: the recipe of its
 ``rope_type`` "cat", "mixed" or "dinov3") and gives each attention layer its own forward in which
 ``apply_rot_embed_cat`` is `ndrope.apply_rotary`; the class and every other instance keep timm's code. Before
-changing anything it checks that the new table equals timm's own at the model's grid. The state dict keeps timm's
+changing anything it checks that ndrope rotates a probe as timm's own table and attention do at the model's grid. The state dict keeps timm's
 keys and layouts (RoPE-Mixed's learned ``rope.freqs`` is converted on save and load), so timm checkpoints load
 into a patched model and back. `mixed_freqs_to_ndrope` / `mixed_freqs_to_timm` convert RoPE-Mixed frequencies
 between timm's layout and ndrope's (`vit`'s ``rope_mixed``).
@@ -38,7 +38,7 @@ SUPPORTED = (
     "timm Eva models (EVA-02, vit_*_rope* naver RoPE-ViT incl. RoPE-Mixed, vit_*_rope_reg*_gap, DINOv3) with "
     f"rope_type {sorted(ROPE_MODULES.values())}"
 )
-#: timm's frequency tables match ndrope's at patch time to this (float32 tables of angles up to ~1e2)
+#: timm's rotation of a unit probe matches ndrope's at patch time to this (float32, angles up to ~1e2)
 SELF_CHECK_TOL = 1e-4
 GridIndexing = Literal["ij", "xy"]
 
@@ -241,27 +241,20 @@ def rotate_cat(layout: Layout) -> types.FunctionType:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _pairs_of(table: Tensor, layout: str) -> tuple[Tensor, Tensor]:
-    """timm's cat table (..., N, 2D) ``cat(sin, cos)`` in its layout -> (cos, sin) per pair (..., N, D // 2)."""
-    sin, cos = table.chunk(2, dim=-1)
-    if layout == "interleaved":
-        return cos[..., 0::2], sin[..., 0::2]
-    half = cos.shape[-1] // 2
-    return cos[..., :half], sin[..., :half]
-
-
-def _self_check(original: nn.Module, new: TimmRotaryEmbedding, layout: str, grid: tuple[int, int]) -> float:
-    """The largest difference between timm's table and the new one, in eval mode at ``grid``."""
+def _self_check(original: nn.Module, new: TimmRotaryEmbedding, attention: nn.Module, grid: tuple[int, int]) -> float:
+    """The largest difference between timm's rotation of a probe (its table, its attention's
+    ``apply_rot_embed_cat`` and ``rotate_half``) and ndrope's, in eval mode at ``grid``."""
+    timm_rotate = type(attention).forward.__globals__["apply_rot_embed_cat"]
     with torch.no_grad():
         was_training = original.training
         theirs = original.eval().get_embed(list(grid)).float()
         original.train(was_training)
         ours = new.eval().get_embed(list(grid))
-        their_cos, their_sin = _pairs_of(theirs, layout)
-        our_cos, our_sin = ours.chunk(2, dim=-1)
-        if our_cos.shape != their_cos.shape:
+        probe = torch.randn(*theirs.shape[:-1], theirs.shape[-1] // 2, generator=torch.Generator().manual_seed(0))
+        if ours.shape[:-1] != theirs.shape[:-1] or ours.shape[-1] > probe.shape[-1]:
             return math.inf
-        return max(float((our_cos - their_cos).abs().max()), float((our_sin - their_sin).abs().max()))
+        expected = timm_rotate(probe.to(theirs.device), theirs, half=bool(getattr(attention, "rotate_half", False)))
+        return float((rotate_cat(new.rope.layout)(probe.to(ours.device), ours) - expected).abs().max())
 
 
 def patch(
@@ -333,10 +326,11 @@ def patch(
         new = new.double()
     if recipe is None:
         grid = tuple(feat_shape) if feat_shape else (3, 5)
-        error = _self_check(original, new, rope.layout, grid)
+        error = _self_check(original, new, attentions[0][1], grid)
         if not error <= SELF_CHECK_TOL:
-            raise ValueError(f"{type(original).__name__}: ndrope's table differs from timm's by {error:.2e} at grid "
-                             f"{grid}; patch cannot express this timm configuration")
+            raise ValueError(f"{type(original).__name__}: ndrope's rotation differs from timm's by {error:.2e} at grid "
+                             f"{grid}; patch cannot express this timm configuration (its table and its attention's "
+                             "rotate_half may disagree)")
     new.train(original.training)
     forwards = {name: routed_forward(m, {"apply_rot_embed_cat": rotate_cat(rope.layout)}) for name, m in attentions}
 

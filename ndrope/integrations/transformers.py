@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 import types
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
@@ -35,6 +36,9 @@ from ..positions import augment_positions, check_augmentation
 from ..recipes import RopeRecipe
 from ._rebind import calls_any, global_names, routed_forward
 
+#: The oldest transformers release `patch` is tested with (5.16 has other vision rotary interfaces, 5.10 another
+#: dynamic-NTK update during generation).
+MIN_VERSION = (5, 17)
 #: transformers' ``rope_type`` values `patch` reproduces (``ROPE_INIT_FUNCTIONS`` plus "default").
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3", "proportional")
 #: What `patch` accepts as ``recipe``: one scheme, or one per rotary module (by its name in ``named_modules``).
@@ -615,6 +619,7 @@ def patch(model: nn.Module, recipe: RecipeArg = None, *, learnable: bool = False
         raise TypeError(f"model must be a torch.nn.Module (a transformers model), got {type(model).__name__}")
     if not isinstance(learnable, bool):
         raise TypeError(f"learnable={learnable!r} must be a bool")
+    _check_version()
     named = list(model.named_modules())
     if any(isinstance(m, NDROPE_MODULES) for _, m in named):
         raise ValueError(f"{type(model).__name__} is already patched by ndrope; patch a fresh model instead")
@@ -693,6 +698,17 @@ def keep_unsaved_frequencies(module: nn.Module) -> nn.Module:
 
 def _fill_missing_frequencies(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
     state_dict.setdefault(prefix + "freqs", module.freqs.detach().clone())
+
+
+def _check_version() -> None:
+    import transformers  # the caller's model comes from it: already imported
+
+    release = tuple(int(part) for part in re.findall(r"\d+", transformers.__version__)[:2])
+    if release < MIN_VERSION:
+        raise RuntimeError(
+            f"ndrope.integrations.transformers needs transformers >= {'.'.join(map(str, MIN_VERSION))}, "
+            f"found {transformers.__version__}"
+        )
 
 
 def _first_rope(module: nn.Module) -> RotaryEmbedding:
