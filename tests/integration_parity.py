@@ -40,6 +40,13 @@ def assert_same_model(
     return errors
 
 
+def rotations(run) -> int:
+    """How many times ``run()`` calls the op ``ndrope::rotate`` (the profiler records every registered op)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run()
+    return sum(event.count for event in prof.key_averages() if event.key == "ndrope::rotate")
+
+
 def zero_inv_freq(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose rotary modules turn nothing (every ``*inv_freq`` buffer zero): RoPE removed."""
     model = copy.deepcopy(model)

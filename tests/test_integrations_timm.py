@@ -10,7 +10,7 @@ import inspect
 
 import pytest
 import torch
-from integration_parity import assert_gradients_match, assert_same_model
+from integration_parity import assert_gradients_match, assert_same_model, rotations
 from recipe_parity import max_abs
 
 import ndrope
@@ -58,12 +58,6 @@ def build(name: str, **overrides):
 def image(name: str, batch: int = 2) -> torch.Tensor:
     size = IMAGE.get(name, (MODELS[name][1]["img_size"],) * 2)
     return torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(1))
-
-
-def rotations(run) -> int:
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        run()
-    return sum(event.count for event in prof.key_averages() if event.key == "ndrope::rotate")
 
 
 @pytest.mark.parametrize("name", list(MODELS))

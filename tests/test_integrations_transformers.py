@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded: every mod
 
 import pytest
 import torch
-from integration_parity import assert_gradients_match, assert_same_model, zero_inv_freq
+from integration_parity import assert_gradients_match, assert_same_model, rotations, zero_inv_freq
 from recipe_parity import max_abs
 
 import ndrope
@@ -89,13 +89,6 @@ def tokens(batch: int, length: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-def rotations(run) -> int:
-    """How many times ``run()`` calls the op ``ndrope::rotate``."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        run()
-    return sum(event.count for event in prof.key_averages() if event.key == "ndrope::rotate")
-
-
 def float64(model):
     return copy.deepcopy(model).double()
 
@@ -132,6 +125,15 @@ def test_llama_rotation_runs_as_ndrope_rotate_in_every_layer():
     ids = tokens(1, 8)
     assert rotations(lambda: patched(ids)) == 2 * original.config.num_hidden_layers  # q and k, each layer
     assert rotations(lambda: original(ids)) == 0
+
+
+@pytest.mark.slow
+def test_llama_patched_compiles_with_fullgraph():
+    patched = integration.patch(llama())
+    ids = tokens(1, 16)
+    compiled = torch.compile(patched, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        assert max_abs(compiled(ids).logits, patched(ids).logits) <= 1e-6
 
 
 def test_llama_left_padded_batch_generates_as_the_original():
@@ -452,6 +454,22 @@ def test_unknown_rope_type_is_refused_before_anything_changes():
     with pytest.raises(ValueError, match=r"rope_type='su'.*'llama3'"):
         integration.patch(model)
     assert unchanged(model, llama())
+
+
+def test_config_values_patch_cannot_express_are_refused_before_anything_changes():
+    # Llama's default rope ignores partial_rotary_factor (transformers rotates the whole head): ndrope's reading of the
+    # config would rotate half of it, and patch says so instead of changing the model
+    config = LlamaConfig(**TEXT, max_position_embeddings=32,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5})
+    model = LlamaForCausalLM(config)
+    with pytest.raises(ValueError, match="8 rotated pairs but the recipe built from it has 4"):
+        integration.patch(model)
+    assert unchanged(model, llama())
+    no_rope_type = gemma3()
+    no_rope_type.config.rope_parameters["sliding_attention"] = None
+    with pytest.raises(ValueError, match="layer type 'sliding_attention' has no rope_parameters"):
+        integration.patch(no_rope_type)
+    assert isinstance(no_rope_type.model.rotary_emb, type(gemma3().model.rotary_emb))
 
 
 def test_patching_twice_is_a_clear_error():

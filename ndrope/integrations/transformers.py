@@ -56,13 +56,11 @@ def text_recipe(
     head_dim: int,
     max_position_embeddings: int,
     seq_len: int | None = None,
-    truncate: bool | None = None,
 ) -> RopeRecipe:
     """The `ndrope.recipes` scheme of one transformers ``rope_parameters`` dict (a language model's 1D RoPE).
 
     ``seq_len`` is the sequence length the frequencies are for ("dynamic" and "longrope" depend on it; None is
-    transformers' initial state). ``truncate`` overrides the dict's (transformers reads YaRN's ``truncate`` from the
-    top-level dict of models with layer types). Raises ValueError naming an unknown ``rope_type``.
+    transformers' initial state). Raises ValueError naming an unknown ``rope_type``.
     """
     rope_type = parameters.get("rope_type", "default")
     if rope_type not in ROPE_TYPES:
@@ -90,7 +88,7 @@ def text_recipe(
             beta_slow=parameters.get("beta_slow") or 1.0,
             mscale=parameters.get("mscale"),
             mscale_all_dim=parameters.get("mscale_all_dim"),
-            truncate=parameters.get("truncate", True) if truncate is None else truncate,
+            truncate=parameters.get("truncate", True),
             **common,
         )
     if rope_type == "longrope":
@@ -157,7 +155,7 @@ class TextRotaryEmbedding(nn.Module):
         if schedule is not None and schedule.rope_type == "longrope":
             self.long_rope = RotaryEmbedding.from_recipe(schedule.build(schedule.original_length + 1))
 
-    def forward(self, x: Tensor, position_ids: Tensor, layer_type: str | None = None) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
         rope = self.rope if self.schedule is None else self._follow_length(position_ids)
         if rope.n_axes == 1:
             positions = position_ids[..., None]  # (B, N, 1)
@@ -313,14 +311,14 @@ def _head_dim(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def _text_rope(module: nn.Module, parameters: Mapping[str, Any], learnable: bool, truncate: bool | None = None,
+def _text_rope(module: nn.Module, parameters: Mapping[str, Any], learnable: bool,
                mrope: Callable[[RopeRecipe], RopeRecipe] | None = None) -> TextRotaryEmbedding:
     config = module.config
     rope_type = parameters.get("rope_type", "default")
 
     def build(seq_len: int | None) -> RopeRecipe:
         recipe = text_recipe(parameters, head_dim=_head_dim(config), max_position_embeddings=config.max_position_embeddings,
-                             seq_len=seq_len, truncate=truncate)
+                             seq_len=seq_len)
         return recipe if mrope is None else mrope(recipe)
 
     schedule = None
@@ -366,8 +364,7 @@ def _build_layer_types(module: nn.Module, given: RotaryEmbedding | None, learnab
                 f"{type(module).__name__}: layer type {layer_type!r} has no rope_parameters (transformers' own "
                 "module cannot run it either); give it RoPE parameters or patch with recipe="
             )
-        truncate = config.rope_parameters.get("truncate")  # transformers reads it from the top-level dict
-        by_type[layer_type] = _text_rope(module, parameters, learnable, truncate=truncate)
+        by_type[layer_type] = _text_rope(module, parameters, learnable)
     return LayerTypeRotaryEmbedding(by_type)
 
 
