@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from . import functional as rope_f
-from ._checks import check_choice, check_finite, check_int, check_shape, check_tensor, choices
+from ._checks import check_choice, check_finite, check_int, check_number, check_shape, check_tensor, choices
 from .positions import grid
+
+if TYPE_CHECKING:
+    from .recipes import RopeRecipe
 
 #: How a grid other than the training grid (``reference_shape``) is positioned: ``"extrapolate"``
 #: integer indices (a larger grid reaches new positions), ``"interpolate"`` indices rescaled to span
@@ -19,6 +23,12 @@ ResolutionMode = Literal["extrapolate", "interpolate", "ntk"]
 RESOLUTION_MODES: tuple[str, ...] = choices(ResolutionMode)
 #: Positions as a tensor (..., N, A), or the shape of a row-major grid.
 Positions = Tensor | Sequence[int]
+
+
+class CoordinateLaw(Protocol):
+    """A grid's coordinate law, such as `ndrope.recipes.Coordinates`: positions (N, A) of a row-major grid."""
+
+    def __call__(self, shape: Sequence[int], *, dtype: torch.dtype, device: torch.device | str | None) -> Tensor: ...
 
 
 class RotaryEmbedding(nn.Module):
@@ -79,10 +89,9 @@ class RotaryEmbedding(nn.Module):
         # on the CPU whatever the default device: meta-device init keeps real values to reset from
         freqs = rope_f.axial_frequencies(dim, n_axes, theta=theta, axis_dims=axis_dims, device="cpu")
         device = torch.get_default_device() if device is None else device
-        pairs = rope_f._split_pairs(dim // 2, n_axes, axis_dims)
-        settings = {"dim": dim, "n_axes": n_axes, "theta": float(theta), "axis_dims": list(pairs)}
         self._setup(
-            freqs, learnable=False, layout=layout, reference_shape=reference_shape, device=device, settings=settings
+            freqs, learnable=False, layout=layout, reference_shape=reference_shape, device=device, persistent=False,
+            recorded=True,
         )
 
     @classmethod
@@ -95,12 +104,19 @@ class RotaryEmbedding(nn.Module):
         reference_shape: Sequence[int] | None = None,
         device: torch.device | str | None = None,
     ) -> RotaryEmbedding:
-        """RoPE with any frequency matrix F (A, P) or (H, A, P) (for example a `ndrope.recipes` one), on
-        ``device`` (default: F's).
+        """RoPE with any frequency matrix F (A, P) or (H, A, P), on ``device`` (default: F's).
 
         ``learnable=True`` makes F a parameter (kept in float32 at least); fixed F is a buffer that is
-        saved in the state dict (it may not be recomputable from a config).
+        saved in the state dict (it may not be recomputable from a config). F is all this keeps: grids
+        get integer `ndrope.grid` positions and cos/sin are not scaled. A `ndrope.recipes` scheme also
+        carries an attention scale (YaRN 1 + 0.1 ln s) and a coordinate law (DINOv3's [-1, 1] centres):
+        build it with `from_recipe`, which keeps both (a recipe passed here is refused).
         """
+        if not isinstance(freqs, Tensor) and hasattr(freqs, "freqs") and hasattr(freqs, "coordinates"):
+            raise TypeError(
+                "from_frequencies takes a frequency tensor; for a recipe use RotaryEmbedding.from_recipe(recipe), "
+                "which keeps its attention scale and coordinate law (recipe.freqs alone drops them)"
+            )
         check_tensor("freqs", freqs, min_rank=2)
         if freqs.dim() > 3 or not freqs.is_floating_point():
             raise ValueError(f"freqs must be a floating (A, P) or (H, A, P) tensor, got {freqs.dtype} {tuple(freqs.shape)}")
@@ -109,6 +125,44 @@ class RotaryEmbedding(nn.Module):
         nn.Module.__init__(module)
         device = freqs.device if device is None else device
         module._setup(freqs, learnable=learnable, layout=layout, reference_shape=reference_shape, device=device)
+        return module
+
+    @classmethod
+    def from_recipe(
+        cls,
+        recipe: RopeRecipe,
+        *,
+        learnable: bool = False,
+        reference_shape: Sequence[int] | None = None,
+    ) -> RotaryEmbedding:
+        """RoPE that rotates exactly as a `ndrope.recipes` scheme: its frequencies F, channel layout,
+        attention scale (cos and sin times ``recipe.attention_scale``: YaRN, LongRoPE) and coordinate law
+        (a grid shape is positioned by ``recipe.coordinates``: DINOv3's centres, EVA-02's rescale, ``xy``).
+
+            rope = RotaryEmbedding.from_recipe(recipes.yarn(128, factor=4.0, original_max_position_embeddings=4096))
+            cos, sin = rope.rotation(positions)        # (N, P) each, scaled by 1 + 0.1 ln 4
+
+        Fixed frequencies are a non-persistent float64 buffer (the recipe recomputes them, so a state dict is
+        the same with and without this module: a model patched by `ndrope.integrations` saves as the original);
+        ``learnable=True`` makes F a float32 parameter initialised from the recipe (saved). With a coordinate law other than integer indices, ``mode="interpolate"`` applies
+        only to index laws without a reference shape of their own (see `positions`).
+        """
+        for name in ("freqs", "layout", "attention_scale", "coordinates"):
+            if not hasattr(recipe, name):
+                raise TypeError(f"recipe must be an ndrope.recipes.RopeRecipe (no {name!r}), got {type(recipe).__name__}")
+        check_finite("recipe.freqs", recipe.freqs)
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module._setup(
+            recipe.freqs.float() if learnable is True else recipe.freqs,  # learned in float32, as optimizers expect
+            learnable=learnable,
+            layout=recipe.layout,
+            reference_shape=reference_shape,
+            device=recipe.freqs.device,
+            persistent=False,  # a patched model saves exactly as the original
+            attention_scale=recipe.attention_scale,
+            coordinates=None if _is_index_grid(recipe.coordinates) else recipe.coordinates,
+        )
         return module
 
     @classmethod
@@ -142,16 +196,24 @@ class RotaryEmbedding(nn.Module):
         layout: str,
         reference_shape: Sequence[int] | None,
         device: torch.device | str | None,
-        settings: dict[str, Any] | None = None,
+        persistent: bool = True,
+        recorded: bool = False,
+        attention_scale: float = 1.0,
+        coordinates: CoordinateLaw | None = None,
     ) -> None:
-        """Frequencies from settings (``settings`` given: a non-persistent buffer, recorded by
-        `get_extra_state`), or given ones (a persistent buffer, or a parameter when ``learnable``)."""
+        """Learned frequencies are a parameter; fixed ones a buffer, saved when ``persistent`` (given F that
+        may not be recomputable), or recomputed, when ``recorded`` with a record in the state dict
+        (`get_extra_state`) that is checked on load."""
         self.layout = check_choice("layout", layout, rope_f.Layout)
         if not isinstance(learnable, bool):
             raise TypeError(f"learnable={learnable!r} must be a bool")
+        #: factor on cos and sin (a recipe's attention scale: YaRN, LongRoPE); 1.0 otherwise
+        self.attention_scale = check_number("attention_scale", attention_scale)
+        #: how a grid shape is positioned (a recipe's `Coordinates`); None: integer indices (`ndrope.grid`)
+        self.coordinates = coordinates
         self.n_axes = freqs.shape[-2]
         self.reference_shape = None if reference_shape is None else self._check_grid("reference_shape", reference_shape)
-        self._settings = settings
+        self._recorded = recorded and not learnable
         exact = freqs.detach().to(torch.promote_types(freqs.dtype, torch.float32))
         # what reset_parameters restores, and the exact fixed values when a cast rounds the buffer
         self._built_freqs = exact if exact.device.type == "meta" else exact.to("cpu", copy=True)
@@ -159,12 +221,13 @@ class RotaryEmbedding(nn.Module):
         if learnable:
             self.freqs = nn.Parameter(on_device)
         else:
-            self.register_buffer("freqs", on_device, persistent=settings is None)
+            self.register_buffer("freqs", on_device, persistent=persistent)
         # the training grid's table, for fixed frequencies: rebuilt, never saved (timm's pattern)
         self.register_buffer("reference_cos", None, persistent=False)
         self.register_buffer("reference_sin", None, persistent=False)
         if self.reference_shape is not None and not learnable:
             self.reference_cos, self.reference_sin = self._reference_table()
+        self.register_state_dict_post_hook(_keep_only_a_real_record)
         self.register_load_state_dict_pre_hook(_before_load)
         self.register_load_state_dict_post_hook(_rebuild_reference_table)
 
@@ -179,9 +242,11 @@ class RotaryEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         heads = f", num_heads={self.freqs.shape[0]}" if self.freqs.dim() == 3 else ""
+        scale = f", attention_scale={self.attention_scale:g}" if self.attention_scale != 1.0 else ""
+        law = f", coordinates={self.coordinates}" if self.coordinates is not None else ""
         return (
             f"pairs={self.pairs}, n_axes={self.n_axes}{heads}, learnable={self.learnable}, layout={self.layout!r}, "
-            f"reference_shape={self.reference_shape}"
+            f"reference_shape={self.reference_shape}{scale}{law}"
         )
 
     def reset_parameters(self) -> None:
@@ -232,21 +297,21 @@ class RotaryEmbedding(nn.Module):
         """The record a checkpoint keeps of fixed frequencies built from settings (they are not saved as a
         buffer): F itself (A, P), float64, so that `set_extra_state` can check a checkpoint against this
         module. Empty for given or learned frequencies (the state dict holds them)."""
-        return self._built_freqs.clone() if self._settings is not None else torch.empty(0, dtype=torch.float64)
+        return self._built_freqs.clone() if self._recorded else torch.empty(0, dtype=torch.float64)
 
     def set_extra_state(self, state: Any) -> None:
         """Raise unless a checkpoint's fixed frequencies are this module's, to the precision they were saved in."""
-        if self._settings is None or not isinstance(state, Tensor) or state.numel() == 0:
+        if not self._recorded or not isinstance(state, Tensor) or state.numel() == 0:
             return
         mine = self._built_freqs
         tolerance = 4 * torch.finfo(state.dtype).eps if state.is_floating_point() else 0.0
         if state.shape == mine.shape and torch.allclose(state.to(mine), mine, rtol=tolerance, atol=0.0):
             return
-        theirs = _axial_settings(state.to(torch.float64))
+        theirs, ours = _axial_settings(state.to(torch.float64)), _axial_settings(mine)
         differences = [
-            f"{name}: checkpoint {theirs[name]!r}, this module {self._settings[name]!r}"
+            f"{name}: checkpoint {theirs.get(name)!r}, this module {ours.get(name)!r}"
             for name in ("n_axes", "dim", "axis_dims", "theta")
-            if theirs.get(name) != self._settings[name]
+            if theirs.get(name) != ours.get(name)
         ] or [f"frequencies {tuple(state.shape)}, values differ"]
         raise ValueError(
             "the checkpoint was trained with other fixed RoPE frequencies than this RotaryEmbedding computes ("
@@ -263,17 +328,39 @@ class RotaryEmbedding(nn.Module):
     def _reference_table(self) -> tuple[Tensor, Tensor]:
         # never an inference tensor, whatever mode the module is built or moved in: it serves autograd
         with torch.inference_mode(False), torch.no_grad():
-            positions = grid(self.reference_shape, device=self.freqs.device)
-            return rope_f.cos_sin(rope_f._phase(positions, self._exact_freqs(), torch.float32))
+            positions = self._grid_positions(self.reference_shape, "extrapolate", torch.float64)
+            return self._scaled(rope_f.cos_sin(rope_f._phase(positions, self._exact_freqs(), torch.float32)))
+
+    def _scaled(self, table: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        cos, sin = table
+        if self.attention_scale != 1.0:
+            return cos * self.attention_scale, sin * self.attention_scale
+        return cos, sin
 
     def positions(self, grid_shape: Sequence[int], *, mode: ResolutionMode = "extrapolate") -> Tensor:
-        """Positions (N, A) of a row-major grid under a resolution mode (``"ntk"`` positions are integer)."""
+        """Positions (N, A), float32, of a row-major grid under a resolution mode (``"ntk"`` positions are
+        those of ``"extrapolate"``). With a recipe's coordinate law (`from_recipe`) the law positions the
+        grid; ``"interpolate"`` then rescales onto ``reference_shape`` only an index law without a reference
+        shape of its own (a normalised law such as DINOv3's is resolution-free already)."""
         grid_shape = self._check_grid("grid_shape", grid_shape)
         check_choice("mode", mode, ResolutionMode)
+        return self._grid_positions(grid_shape, mode, torch.float32)
+
+    def _grid_positions(self, grid_shape: tuple[int, ...], mode: str, dtype: torch.dtype) -> Tensor:
         if mode != "extrapolate" and self.reference_shape is None:
             raise ValueError(f"mode={mode!r} needs reference_shape (the training grid)")
         reference = self.reference_shape if mode == "interpolate" else None
-        return grid(grid_shape, reference_shape=reference, device=self.freqs.device)
+        if self.coordinates is None:
+            return grid(grid_shape, reference_shape=reference, dtype=dtype, device=self.freqs.device)
+        law = self.coordinates
+        if reference is not None:
+            if getattr(law, "kind", None) != "index" or getattr(law, "reference_shape", None) is not None:
+                raise ValueError(
+                    f"mode='interpolate' rescales integer grids, but this module positions grids by {law}; "
+                    "use mode='extrapolate' (the law handles other grids) or 'ntk'"
+                )
+            law = dataclasses.replace(law, reference_shape=reference)
+        return law(grid_shape, dtype=dtype, device=self.freqs.device)
 
     def frequencies(self, grid_shape: Sequence[int] | None = None, *, mode: ResolutionMode = "extrapolate") -> Tensor:
         """Frequencies (A, P) or (H, A, P) in effect for ``grid_shape`` (NTK-scaled in ``"ntk"`` mode)."""
@@ -311,7 +398,7 @@ class RotaryEmbedding(nn.Module):
             if dtype is None and positions.dtype == torch.float64:
                 table_dtype = torch.float64
             phase = rope_f.angles(positions.to(self.freqs.device), self._exact_freqs(), dtype=table_dtype)
-            cos, sin = rope_f.cos_sin(phase)
+            cos, sin = self._scaled(rope_f.cos_sin(phase))
         else:
             grid_shape = self._check_grid("grid_shape", positions)
             if grid_shape == self.reference_shape and self._reference_table_usable(table_dtype):
@@ -319,8 +406,8 @@ class RotaryEmbedding(nn.Module):
             else:
                 freqs = self.frequencies(grid_shape, mode=mode)
                 # grid positions are finite by construction: no NaN check (a device sync on GPU)
-                phase = rope_f._phase(self.positions(grid_shape, mode=mode), freqs, table_dtype)
-                cos, sin = rope_f.cos_sin(phase)
+                phase = rope_f._phase(self._grid_positions(grid_shape, mode, torch.float64), freqs, table_dtype)
+                cos, sin = self._scaled(rope_f.cos_sin(phase))
         if num_prefix_tokens:
             prefix = (*cos.shape[:-2], num_prefix_tokens, cos.shape[-1])
             cos = torch.cat((cos.new_ones(prefix), cos), dim=-2)
@@ -364,6 +451,12 @@ class RotaryEmbedding(nn.Module):
         return rope_f.apply_rotary(q, rotation, layout=self.layout), rope_f.apply_rotary(k, rotation, layout=self.layout)
 
 
+def _is_index_grid(law: Any) -> bool:
+    """Whether a coordinate law is `ndrope.grid`'s: integer (i, j, ...) indices, no offset or rescale."""
+    defaults = {"kind": "index", "reference_shape": None, "offset": 0.0, "indexing": "ij"}
+    return all(getattr(law, name, object()) == value for name, value in defaults.items())
+
+
 def _axial_settings(freqs: Tensor) -> dict[str, Any]:
     """dim, n_axes, axis_dims and theta of an axial F (A, P) (its ladder ``theta ** (-k / m)`` per axis), as
     far as F shows them: for the error message of a checkpoint with other settings."""
@@ -381,11 +474,18 @@ def _before_load(module: RotaryEmbedding, state_dict: dict, prefix: str, *args: 
     """Before load_state_dict: given fixed frequencies are taken at the checkpoint's precision (the buffer
     may have been rounded by a cast); a checkpoint without a record of the fixed frequencies (saved by an
     older ndrope, or by another library: a timm ViT) loads unchecked."""
-    if module._settings is None and not module.learnable and isinstance(state_dict.get(prefix + "freqs"), Tensor):
+    if not module.learnable and isinstance(state_dict.get(prefix + "freqs"), Tensor):
         module._built_freqs = state_dict[prefix + "freqs"].detach().to("cpu", torch.promote_types(
             state_dict[prefix + "freqs"].dtype, torch.float32), copy=True)
-    if module._settings is not None and prefix + "_extra_state" not in state_dict:
+    if prefix + "_extra_state" not in state_dict:
         state_dict[prefix + "_extra_state"] = module.get_extra_state()  # nothing to check against
+
+
+def _keep_only_a_real_record(module: RotaryEmbedding, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+    """Given and learned frequencies are in the state dict themselves: no empty record beside them (their
+    keys stay those of earlier ndrope versions, and of timm's models for the timm integration)."""
+    if not module._recorded:
+        state_dict.pop(prefix + "_extra_state", None)
 
 
 def _rebuild_reference_table(module: RotaryEmbedding, incompatible_keys: Any) -> None:

@@ -123,7 +123,7 @@ def test_language_recipe_matches_transformers(name):
     q, k = torch.randn(2, 1, 2, seq_len, HEAD_DIM, generator=gen, dtype=torch.float64)
     positions = torch.arange(seq_len)
     same = dataclasses.replace(recipe, freqs=peer_inv.double()[None])
-    ours = ndrope.apply_rotary(q, same.rotation(same.positions(seq_len)), layout=same.layout)
+    ours = ndrope.apply_rotary(q, same.rotation(same.positions(seq_len, dtype=torch.float64)), layout=same.layout)
     theirs, _ = peer_rotate(q, k, peer_inv.double(), peer_scale, positions)
     f64 = max_abs(ours, theirs)
     assert f64 <= F64_TOL, f"{name}: float64 rotation differs by {f64:.2e}"

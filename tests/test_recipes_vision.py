@@ -21,6 +21,7 @@ timm_sincos = pytest.importorskip("timm.layers.pos_embed_sincos")
 ret = pytest.importorskip("rotary_embedding_torch")
 
 HEAD_DIM = 16
+F64 = torch.float64  # the oracle's positions (recipes give float32 unless asked)
 TIMM_VERSION = tuple(int(p) for p in pytest.importorskip("timm").__version__.split(".")[:3])
 
 
@@ -81,14 +82,14 @@ def test_timm_axial_recipes_match_timm(name):
     sin, cos = timm_sincos.build_rotary_pos_embed(list(exact_shape), bands=bands, dtype=torch.float64, **build)
     x = rand(2, 3, exact_shape[0] * exact_shape[1], HEAD_DIM)
     theirs = timm_sincos.apply_rot_embed(x, sin, cos, half=half)
-    f64 = max_abs(ours_rotate(same, x, same.positions(exact_shape)), theirs)
+    f64 = max_abs(ours_rotate(same, x, same.positions(exact_shape, dtype=F64)), theirs)
     assert f64 <= F64_TOL, f"{name}: float64 rotation differs by {f64:.2e}"
 
     # float32 end to end on a grid whose rescaled coordinates are not exact in float32
     x = rand(2, 3, shape[0] * shape[1], HEAD_DIM, seed=1)
-    oracle = ours_rotate(recipe, x, recipe.positions(shape))
+    oracle = ours_rotate(recipe, x, recipe.positions(shape, dtype=F64))
     peer32 = timm_rotate(x.float(), module.get_embed(list(shape)), half)
-    ours32 = ours_rotate(recipe, x.float(), recipe.positions(shape), dtype=torch.float32)  # float64 coords in
+    ours32 = ours_rotate(recipe, x.float(), recipe.positions(shape, dtype=F64), dtype=torch.float32)  # float64 coords in
     err_ours, err_peer = max_abs(ours32, oracle), max_abs(peer32, oracle)
     assert_no_worse_than_peer(name, err_ours, err_peer, x, 1e-4)
     report(name, freq_rel=freq_rel, f64_abs=f64, f32_ndrope=err_ours, f32_timm=err_peer)
@@ -110,12 +111,12 @@ def test_rope_mixed_matches_timm(indexing):
     shape = (5, 7)
     t_x, t_y = timm_sincos.get_mixed_grid(list(shape), grid_indexing=indexing)
     recipe = recipes.rope_mixed(module.freqs[:, 1], indexing=indexing)
-    assert torch.equal(recipe.positions(shape), torch.stack([t_x, t_y], -1).double())
+    assert torch.equal(recipe.positions(shape, dtype=F64), torch.stack([t_x, t_y], -1).double())
     # float32 end to end (timm computes RoPE-Mixed angles in float32 only) for block 1
     x = rand(2, heads, shape[0] * shape[1], HEAD_DIM)
-    oracle = ours_rotate(recipe, x, recipe.positions(shape))
+    oracle = ours_rotate(recipe, x, recipe.positions(shape, dtype=F64))
     peer32 = timm_rotate(x.float(), module.get_embed(list(shape))[1].detach(), False)
-    ours32 = ours_rotate(recipe, x.float(), recipe.positions(shape), dtype=torch.float32)  # float64 coords in
+    ours32 = ours_rotate(recipe, x.float(), recipe.positions(shape, dtype=F64), dtype=torch.float32)  # float64 coords in
     err_ours, err_peer = max_abs(ours32, oracle), max_abs(peer32, oracle)
     assert_no_worse_than_peer(indexing, err_ours, err_peer, x, 1e-4)
     report(f"rope_mixed_{indexing}", init_f64_abs=init_err, f32_ndrope=err_ours, f32_timm=err_peer)
@@ -152,7 +153,7 @@ def test_dinov3_matches_timm(name):
     assert freq_rel <= F32_FREQ_RTOL
     n = exact_shape[0] * exact_shape[1]
     x = rand(2, 3, n, HEAD_DIM)
-    f64 = max_abs(ours_rotate(same, x, same.positions(exact_shape)),
+    f64 = max_abs(ours_rotate(same, x, same.positions(exact_shape, dtype=F64)),
                   timm_rotate(x, module64.get_embed(list(exact_shape)), half))
     assert f64 <= F64_TOL, f"{name}: float64 rotation differs by {f64:.2e}"
     # the coordinates themselves against timm's helper
@@ -161,12 +162,52 @@ def test_dinov3_matches_timm(name):
                                             grid_offset=kwargs.get("grid_offset", 0.0))
     assert max_rel(recipe.positions(shape), coords) <= 1e-6  # timm normalises in float32
     x = rand(2, 3, shape[0] * shape[1], HEAD_DIM, seed=1)
-    oracle = ours_rotate(recipe, x, recipe.positions(shape))
+    oracle = ours_rotate(recipe, x, recipe.positions(shape, dtype=F64))
     peer32 = timm_rotate(x.float(), module32.get_embed(list(shape)), half)
-    ours32 = ours_rotate(recipe, x.float(), recipe.positions(shape), dtype=torch.float32)  # float64 coords in
+    ours32 = ours_rotate(recipe, x.float(), recipe.positions(shape, dtype=F64), dtype=torch.float32)  # float64 coords in
     err_ours, err_peer = max_abs(ours32, oracle), max_abs(peer32, oracle)
     assert_no_worse_than_peer(name, err_ours, err_peer, x, 1e-4)
     report(name, freq_rel=freq_rel, f64_abs=f64, f32_ndrope=err_ours, f32_timm=err_peer)
+
+
+def test_pixtral_matches_transformers():
+    """Pixtral interleaves one ladder between the axes (even rungs to rows, odd rungs to columns): the recipe
+    equals transformers' ``PixtralVisionRotaryEmbedding``; an axial RoPE with a ladder per axis does not."""
+    modeling = pytest.importorskip("transformers.models.pixtral.modeling_pixtral")
+    from transformers import PixtralVisionConfig
+
+    theta = 500.0
+    config = PixtralVisionConfig(hidden_size=4 * HEAD_DIM, num_attention_heads=4, rope_parameters={
+        "rope_type": "axial", "rope_theta": theta})
+    module = modeling.PixtralVisionRotaryEmbedding(config)
+    recipe = recipes.pixtral(HEAD_DIM, theta=theta)
+    quarter = HEAD_DIM // 4
+    band = module.inv_freq.double()
+    same = dataclasses.replace(recipe, freqs=torch.block_diag(band[None, :quarter], band[None, quarter:]))
+    freq_rel = max_rel(recipe.freqs, same.freqs)
+    assert freq_rel <= F32_FREQ_RTOL
+    shape = (5, 7)
+    position_ids = recipe.positions(shape, dtype=torch.long)  # what PixtralVisionModel passes: (row, column)
+    x = rand(2, 3, shape[0] * shape[1], HEAD_DIM)
+
+    def peer(x, cos, sin):
+        return modeling.apply_rotary_pos_emb(x, x, cos, sin, unsqueeze_dim=0)[0]
+
+    # float64: transformers' own recomposition of its frequencies
+    phase = position_ids[..., None].double() * band
+    theirs = peer(x, module.recomposition_frequencies(phase.cos()), module.recomposition_frequencies(phase.sin()))
+    f64 = max_abs(ours_rotate(same, x, same.positions(shape, dtype=F64)), theirs)
+    assert f64 <= F64_TOL, f"pixtral: float64 rotation differs by {f64:.2e}"
+    oracle = ours_rotate(recipe, x, recipe.positions(shape, dtype=F64))
+    peer32 = peer(x.float(), *module(x.float(), position_ids))
+    ours32 = ours_rotate(recipe, x.float(), recipe.positions(shape))
+    err_ours, err_peer = max_abs(ours32, oracle), max_abs(peer32, oracle)
+    assert_no_worse_than_peer("pixtral", err_ours, err_peer, x, 1e-4)
+    naive = ndrope.RotaryEmbedding(HEAD_DIM, 2, theta=theta)  # a ladder per axis: not Pixtral's
+    naive_err = max_abs(ndrope.apply_rotary(x, naive.rotation(shape)), oracle)
+    assert naive_err > 1e4 * max(err_ours, err_peer), naive_err
+    report("pixtral", freq_rel=freq_rel, f64_abs=f64, f32_ndrope=err_ours, f32_transformers=err_peer,
+           axial_per_axis_ladder=naive_err)
 
 
 def test_dinov3_augmentation_goes_through_augment_positions():
@@ -216,11 +257,11 @@ def test_rotary_embedding_torch_matches(name):
         angles = module.get_axial_freqs(*shape).reshape(n, -1)
         return ret.apply_rotary_emb(angles, x)
 
-    f64 = max_abs(ours_rotate(same, x, same.positions(shape)), peer(ret.RotaryEmbedding(**kwargs).double(), x))
+    f64 = max_abs(ours_rotate(same, x, same.positions(shape, dtype=F64)), peer(ret.RotaryEmbedding(**kwargs).double(), x))
     assert f64 <= F64_TOL, f"{name}: float64 rotation differs by {f64:.2e}"
-    oracle = ours_rotate(recipe, x, recipe.positions(shape))
+    oracle = ours_rotate(recipe, x, recipe.positions(shape, dtype=F64))
     peer32 = peer(module, x.float())
-    ours32 = ours_rotate(recipe, x.float(), recipe.positions(shape), dtype=torch.float32)  # float64 coords in
+    ours32 = ours_rotate(recipe, x.float(), recipe.positions(shape, dtype=F64), dtype=torch.float32)  # float64 coords in
     err_ours, err_peer = max_abs(ours32, oracle), max_abs(peer32, oracle)
     assert_no_worse_than_peer(name, err_ours, err_peer, x, 1e-4)
     report(name, freq_rel=freq_rel, f64_abs=f64, f32_ndrope=err_ours, f32_rotary_embedding_torch=err_peer)

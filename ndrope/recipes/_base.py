@@ -58,9 +58,10 @@ class Coordinates:
         self,
         shape: int | Sequence[int],
         *,
-        dtype: torch.dtype = torch.float64,
+        dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> Tensor:
+        """Positions (N, A) of a row-major grid, computed in float64 and returned as ``dtype`` (float32 unless asked)."""
         shape = check_shape("shape", shape)
         reference = self.reference_shape
         if reference is not None and len(reference) != len(shape):
@@ -125,10 +126,13 @@ class RopeRecipe:
         jitter: float = 1.0,
         rescale: float = 1.0,
         generator: torch.Generator | None = None,
-        dtype: torch.dtype = torch.float64,
+        dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> Tensor:
         """Positions (N, A) of a row-major grid ``shape`` (an int for text) by this recipe's coordinate law.
+
+        float32 unless ``dtype`` asks otherwise, so that `rotation` gives float32 tables for a float32 model
+        (float64 positions give float64 tables: ask for them for a float64 reference).
 
         ``shift``, ``jitter``, ``rescale`` apply `ndrope.augment_positions` (DINOv3's train-time law); off by default.
         """

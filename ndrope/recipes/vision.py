@@ -1,4 +1,4 @@
-"""Vision RoPE: timm / EVA-02 axial, naver RoPE-Axial and RoPE-Mixed, DINOv3, rotary-embedding-torch.
+"""Vision RoPE: timm / EVA-02 axial, naver RoPE-Axial and RoPE-Mixed, DINOv3, Pixtral, rotary-embedding-torch.
 
 Axial schemes here lay out pairs axis-major (axis 0's block, then axis 1's, ...), as timm and
 rotary-embedding-torch do, and each recipe carries its peer's channel layout and coordinate law:
@@ -68,6 +68,17 @@ def timm_axial(
         indexing=indexing,
     )
     return RopeRecipe(block_axial([band] * n_axes), "half" if rotate_half else "interleaved", 1.0, coords)
+
+
+def pixtral(head_dim: int, *, theta: float = 10000.0) -> RopeRecipe:
+    """Pixtral's vision RoPE (Mistral AI 2024, https://arxiv.org/abs/2410.07073; transformers
+    ``PixtralVisionRotaryEmbedding``): one 1D ladder ``theta ** (-2k / head_dim)`` over all ``head_dim // 2`` pairs,
+    its even rungs on the row axis (the first ``head_dim // 4`` pairs) and its odd rungs on the column axis (the
+    rest), on integer (row, column) patch indices, layout "half". The obvious axial RoPE with a ladder per axis
+    differs: each axis here spans the whole 1D range of frequencies."""
+    _bands_per_axis(head_dim, 2)
+    rungs = ladder(head_dim // 2, check_number("theta", theta))
+    return RopeRecipe(block_axial([rungs[0::2], rungs[1::2]]), "half", 1.0, Coordinates(kind="index"))
 
 
 def rope_axial(head_dim: int, *, theta: float = 100.0, indexing: Indexing = "xy") -> RopeRecipe:
