@@ -233,7 +233,7 @@ def _rotation_arguments(
 ) -> dict:
     strides, sizes = geometry.strides, geometry.sizes
     return dict(
-        src=src, out=out, x=src, cos=cos, sin=sin, grad_cos=cos, grad_sin=sin, src_pair=src, out_pair=out,
+        src=src, out=out, x=None, cos=cos, sin=sin, grad_cos=None, grad_sin=None, src_pair=None, out_pair=None,
         size_r1=sizes[1], size_r2=sizes[2], size_k0=sizes[3], size_k1=sizes[4],
         n_steps=plan.n_steps, steps_per_program=plan.steps_per_program, n_splits=plan.n_splits,
         **_named("src", strides["src"]), **_named("out", strides["out"]), **_named("x", (0,) * len(sizes)),
@@ -247,6 +247,20 @@ def _rotation_arguments(
 def _named(operand: str, strides: tuple[int, ...]) -> dict[str, int]:
     """The kernel's stride arguments of one operand: ``{operand}_r0`` ... ``{operand}_k1``."""
     return {f"{operand}_{dim}": step for dim, step in zip(("r0", "r1", "r2", "k0", "k1"), strides)}
+
+
+def takes(x: Tensor, cos: Tensor, sin: Tensor) -> bool:
+    """Whether the kernel computes this rotation: x float32/bfloat16/float16 and float32 tables with
+    at least one pair, all unit-stride on the last dim (the caller runs the torch formula otherwise)."""
+    return (
+        x.dtype in DTYPES
+        and cos.dtype == torch.float32
+        and sin.dtype == torch.float32
+        and cos.shape[-1] > 0
+        and x.stride(-1) == 1
+        and cos.stride(-1) == 1
+        and sin.stride(-1) == 1
+    )
 
 
 def _operand_strides(rows: tuple[int, ...], **operands: Tensor) -> dict[str, list[int]]:
