@@ -44,6 +44,15 @@ _REDUCED_DIMS, _KEPT_DIMS = 3, 2  # the kernel's canonical rows (R0, R1, R2, K0,
 
 
 @triton.jit
+def _add(a, b):
+    return a + b
+
+
+# The kernel calls Triton builtins and this module's jit functions only (tl.reduce with `_add`, tl.full;
+# not tl.sum, tl.zeros or tl.cdiv, which triton.language.standard defines with triton.jit): a copy of
+# this module imported with TRITON_INTERPRET=1 then runs in the interpreter even when triton itself
+# was imported without it, as in a test process that has compiled models before.
+@triton.jit
 def _rotary_kernel(
     src, out, x, cos, sin, grad_cos, grad_sin, src_pair, out_pair,  # pointers
     size_r1, size_r2, size_k0, size_k1, n_steps, steps_per_program, n_splits,
@@ -59,7 +68,7 @@ def _rotary_kernel(
     BACKWARD, src is the incoming gradient, out = R(-angle) src (the adjoint of the forward rotation),
     and each program writes its partial d cos / d sin for its kept rows to slot ``split``."""
     pid = tl.program_id(0)
-    k_blocks = tl.cdiv(size_k1, BLOCK_K)
+    k_blocks = (size_k1 + BLOCK_K - 1) // BLOCK_K
     per_operand = k_blocks * size_k0 * n_splits
     if PAIR:
         if pid >= per_operand:  # the second half of the programs rotates k
@@ -85,10 +94,10 @@ def _rotary_kernel(
     src_kept = k0 * src_k0 + k1 * src_k1
     out_kept = k0 * out_k0 + k1 * out_k1
     x_kept = k0 * x_k0 + k1 * x_k1
-    grad_c = tl.zeros((BLOCK_K, BLOCK_P), dtype=tl.float32)
-    grad_s = tl.zeros((BLOCK_K, BLOCK_P), dtype=tl.float32)
+    grad_c = tl.full((BLOCK_K, BLOCK_P), 0.0, tl.float32)
+    grad_s = tl.full((BLOCK_K, BLOCK_P), 0.0, tl.float32)
 
-    r_blocks = tl.cdiv(size_r2, BLOCK_R)
+    r_blocks = (size_r2 + BLOCK_R - 1) // BLOCK_R
     first = split * steps_per_program
     last = tl.minimum(first + steps_per_program, n_steps)
     for step in range(first, last):  # step = (r0, r1, block of BLOCK_R along r2)
@@ -132,8 +141,8 @@ def _rotary_kernel(
                 offset = x_row[:, :, None] + pair[None, None, :]
                 x_a = tl.load(x + offset, mask=mask, other=0.0).to(tl.float32)
                 x_b = tl.load(x + offset + PAIRS, mask=mask, other=0.0).to(tl.float32)
-            grad_c += tl.sum(a * x_a + b * x_b, axis=0)
-            grad_s += tl.sum(b * x_a - a * x_b, axis=0)
+            grad_c += tl.reduce(a * x_a + b * x_b, 0, _add)
+            grad_s += tl.reduce(b * x_a - a * x_b, 0, _add)
     if BACKWARD:
         if INVERSE:
             grad_s = -grad_s
@@ -203,22 +212,34 @@ class _Launch(NamedTuple):
     programs: int
 
 
+def _block(size: int, limit: int) -> int:
+    """The power of two <= ``limit`` that covers ``size`` rows, ``limit`` when ``size`` reaches it. Under
+    ``torch.compile(dynamic=True)`` sizes are symbolic: this guards on ``size >= limit`` only (a small
+    size is specialised), so a new resolution does not recompile."""
+    return limit if size >= limit else min(limit, triton.next_power_of_2(int(size)))
+
+
 def _plan(sizes: tuple[int, ...], pairs: int, head_dim: int) -> _Launch:
-    """Block sizes and how the reduced rows are shared out (``n_splits`` programs per block of kept rows)."""
+    """Block sizes and how the reduced rows are shared out (``n_splits`` programs per block of kept rows).
+    Block sizes are compile-time constants of the kernel; the counts may be symbolic."""
     size_r0, size_r1, size_r2, size_k0, size_k1 = sizes
-    block_k = min(16, triton.next_power_of_2(size_k1))
-    block_r = min(triton.next_power_of_2(size_r2), max(1, _TILE // (block_k * triton.next_power_of_2(head_dim))))
+    block_k = _block(size_k1, 16)
+    block_r = _block(size_r2, max(1, _TILE // (block_k * triton.next_power_of_2(head_dim))))
     rest = head_dim - 2 * pairs
     blocks = dict(
         BLOCK_P=triton.next_power_of_2(pairs), BLOCK_PASS=triton.next_power_of_2(rest) if rest else 1,
         BLOCK_R=block_r, BLOCK_K=block_k,
     )
-    kept_programs = triton.cdiv(size_k1, block_k) * size_k0
-    n_steps = size_r0 * size_r1 * triton.cdiv(size_r2, block_r)
-    n_splits = min(n_steps, max(1, triton.cdiv(_TARGET_PROGRAMS, kept_programs)))
-    steps_per_program = triton.cdiv(n_steps, n_splits)
-    n_splits = triton.cdiv(n_steps, steps_per_program)  # no program without rows
+    kept_programs = _cdiv(size_k1, block_k) * size_k0
+    n_steps = size_r0 * size_r1 * _cdiv(size_r2, block_r)
+    n_splits = torch.sym_min(n_steps, torch.sym_max(1, _cdiv(_TARGET_PROGRAMS, kept_programs)))
+    steps_per_program = _cdiv(n_steps, n_splits)
+    n_splits = _cdiv(n_steps, steps_per_program)  # no program without rows
     return _Launch(blocks, n_steps, steps_per_program, n_splits, kept_programs * n_splits)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b  # ints or SymInts alike
 
 
 def _launch(traceable: bool, programs: int, **arguments) -> None:
@@ -239,7 +260,7 @@ def _rotation_arguments(
         **_named("src", strides["src"]), **_named("out", strides["out"]), **_named("x", (0,) * len(sizes)),
         cos_k0=strides["cos"][3], cos_k1=strides["cos"][4], sin_k0=strides["sin"][3], sin_k1=strides["sin"][4],
         grad_k0=0, grad_k1=0, grad_split=0,
-        PAIRS=cos.shape[-1], HEAD_DIM=src.shape[-1], **plan.blocks,
+        PAIRS=int(cos.shape[-1]), HEAD_DIM=int(src.shape[-1]), **plan.blocks,
         INTERLEAVED=interleaved, INVERSE=inverse, BACKWARD=False, PAIR=False,
     )
 
@@ -277,7 +298,7 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, inverse: bool
     geometry = _geometry(rows, cos, _operand_strides(rows, src=x, out=out, cos=cos, sin=sin))
     if geometry is None:
         return None
-    plan = _plan(geometry.sizes, cos.shape[-1], x.shape[-1])
+    plan = _plan(geometry.sizes, int(cos.shape[-1]), int(x.shape[-1]))
     _launch(traceable, plan.programs, **_rotation_arguments(geometry, plan, x, out, cos, sin, interleaved, inverse))
     return out
 
@@ -297,7 +318,7 @@ def rotate_pair(
     geometry = _geometry(rows, cos, _operand_strides(rows, src=q, out=out_q, cos=cos, sin=sin))
     if geometry is None:
         return None
-    plan = _plan(geometry.sizes, cos.shape[-1], q.shape[-1])
+    plan = _plan(geometry.sizes, int(cos.shape[-1]), int(q.shape[-1]))
     arguments = _rotation_arguments(geometry, plan, q, out_q, cos, sin, interleaved, inverse)
     arguments.update(src_pair=k, out_pair=out_k, PAIR=True)
     _launch(traceable, 2 * plan.programs, **arguments)
@@ -323,7 +344,7 @@ def rotate_backward(
     geometry = _geometry(rows, cos, strides)
     if geometry is None:
         return None
-    plan = _plan(geometry.sizes, cos.shape[-1], x.shape[-1])
+    plan = _plan(geometry.sizes, int(cos.shape[-1]), int(x.shape[-1]))
     # the kernel writes cos-shaped contiguous slots: grad_cos itself when it is one and one slot suffices
     direct = plan.n_splits == 1 and grad_cos.is_contiguous() and grad_sin.is_contiguous()
     if direct:

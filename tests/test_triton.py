@@ -1,0 +1,446 @@
+"""The Triton GPU kernel (`ndrope._triton`) behind ``ndrope::rotate`` on CUDA.
+
+Without a GPU, the kernel runs on CPU tensors through Triton's interpreter: a second copy of
+ndrope/_triton.py is imported with ``TRITON_INTERPRET=1`` (the decorator reads it when the module is
+imported), so the real module, the one CUDA calls use, is never touched. Every case is compared with
+a float64 rotation of the same inputs (tests/rope_reference.py): float32 within its own arithmetic
+error, bfloat16 and float16 within one unit in the last place of the output. The ops' CUDA routing runs
+on the interpreted kernel too, and what ``torch.compile`` records for CUDA tensors is traced with fake
+CUDA tensors. The tests marked ``gpu`` run the same checks on a CUDA device (``python -m pytest -m gpu``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+from rope_reference import pair_index, rotate_formula
+
+import ndrope
+from ndrope import _ops
+
+param = pytest.mark.parametrize
+
+B, H, N, D = 2, 3, 5, 16
+LAYOUTS = ["half", "interleaved"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+PAIRS = {"full": D // 2, "partial": 5}  # partial: 10 channels rotate, 6 pass through
+# tables (..., N, P) against x (B, H, N, D); "expanded" is a per-head table that is a stride-0 view
+TABLES = {"shared": (N,), "per_head": (H, N), "per_batch": (B, 1, N), "one_position": (1,), "expanded": (H, N)}
+VIEWS = ["contiguous", "qkv", "bnhd", "broadcast"]
+_MANTISSA_BITS = {torch.float32: 24, torch.bfloat16: 8, torch.float16: 11}
+
+
+def load_interpreted() -> ModuleType:
+    """ndrope/_triton.py imported afresh under its own name with TRITON_INTERPRET=1."""
+    try:
+        import triton  # noqa: F401  (availability check)
+    except ImportError as error:
+        pytest.skip(f"triton cannot be imported ({error}); the GPU kernel is not tested here")
+    source = Path(ndrope.__file__).with_name("_triton.py")
+    spec = importlib.util.spec_from_file_location("ndrope._triton_interpreted", source)
+    module = importlib.util.module_from_spec(spec)
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+    return module
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> ModuleType:
+    return load_interpreted()
+
+
+@pytest.fixture
+def kernels(interpreted: ModuleType, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """The interpreted kernels, counting their launches in ``kernels.launches``."""
+    launches: list[dict] = []
+    real = interpreted._launch
+
+    def counted(traceable: bool, programs: int, **arguments) -> None:
+        launches.append(dict(arguments, programs=programs))
+        real(traceable, programs, **arguments)
+
+    monkeypatch.setattr(interpreted, "_launch", counted)
+    monkeypatch.setattr(interpreted, "launches", launches, raising=False)
+    return interpreted
+
+
+def make_x(view: str, dtype: torch.dtype, seed: int = 0, heads: int = H) -> torch.Tensor:
+    """x (B, H, N, D) as attention layers hand it over: contiguous, q of timm's packed qkv (B, N, 3, H, D),
+    a (B, N, H, D) projection transposed, or one (H, N, D) tensor broadcast over the batch."""
+    g = torch.Generator().manual_seed(seed)
+    if view == "contiguous":
+        return torch.randn(B, heads, N, D, generator=g).to(dtype)
+    if view == "qkv":
+        return torch.randn(B, N, 3, heads, D, generator=g).to(dtype).permute(2, 0, 3, 1, 4)[0]
+    if view == "bnhd":
+        return torch.randn(B, N, heads, D, generator=g).to(dtype).transpose(1, 2)
+    return torch.randn(heads, N, D, generator=g).to(dtype).expand(B, heads, N, D)
+
+
+def make_tables(table: str, pairs: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 cos/sin of random angles in [-10, 10), as `ndrope.apply_rotary` hands them to the op."""
+    g = torch.Generator().manual_seed(seed)
+    leading = (1, N) if table == "expanded" else TABLES[table]
+    theta = torch.rand(*leading, pairs, generator=g, dtype=torch.float64) * 20 - 10
+    cos, sin = theta.cos().float(), theta.sin().float()
+    if table == "expanded":
+        cos, sin = cos.expand(H, N, pairs), sin.expand(H, N, pairs)
+    return cos, sin
+
+
+def exact(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str, inverse: bool = False) -> torch.Tensor:
+    """The rotation of the very same values in float64, unrounded."""
+    return rotate_formula(x.double(), cos.double(), -sin.double() if inverse else sin.double(), layout)
+
+
+def magnitude(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str) -> torch.Tensor:
+    """|x1| |c| + |x2| |s| (and |x2| |c| + |x1| |s|) per output element, |x| on pass-through channels:
+    float32 arithmetic errs by at most 2^-23 of it."""
+    pairs = cos.shape[-1]
+    first, second = pair_index(x.shape[-1], pairs, layout)
+    size = x.abs().double()
+    c, s = cos.abs().double(), sin.abs().double()
+    out = size.expand(*torch.broadcast_shapes(size.shape[:-1], c.shape[:-1]), x.shape[-1]).clone()
+    out[..., first] = size[..., first] * c + size[..., second] * s
+    out[..., second] = size[..., second] * c + size[..., first] * s
+    return out
+
+
+def ulp(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of ``dtype`` numbers at each float64 ``value`` (subnormal spacing at the bottom)."""
+    bits = _MANTISSA_BITS[dtype]
+    _, exponent = torch.frexp(value)
+    spacing = torch.ldexp(torch.ones_like(value), exponent - bits)
+    return spacing.clamp(min=torch.finfo(dtype).tiny * 2.0 ** (1 - bits))
+
+
+def assert_rotation(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str, inverse: bool = False) -> None:
+    """out within float32 arithmetic plus one unit in the last place of out's dtype of the exact rotation."""
+    reference = exact(x, cos, sin, layout, inverse)
+    assert out.shape == reference.shape and out.dtype == x.dtype and out.is_contiguous()
+    error = (out.double() - reference).abs()
+    bound = ulp(reference, out.dtype) + 2.0**-23 * magnitude(x, cos, sin, layout)
+    worst = (error / bound).max().item()
+    assert worst <= 1.0, f"{worst:.3g} times the bound (max error {error.max().item():.3g})"
+    pass_through = 2 * cos.shape[-1]
+    assert torch.equal(out[..., pass_through:], x.expand_as(out)[..., pass_through:])
+
+
+def reference_grads(grad: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str, inverse: bool):
+    """(grad_x, grad_cos, grad_sin) of the float64 rotation by autograd; table grads in cos's shape."""
+    x64 = x.double().requires_grad_()
+    cos64, sin64 = cos.double().requires_grad_(), sin.double().requires_grad_()
+    out = rotate_formula(x64, cos64, -sin64 if inverse else sin64, layout)
+    return torch.autograd.grad(out, (x64, cos64, sin64), grad.double())
+
+
+def assert_backward(result, grad, x, cos, sin, layout: str, inverse: bool) -> None:
+    grad_x, grad_cos, grad_sin = result
+    ref_x, ref_cos, ref_sin = reference_grads(grad, x, cos, sin, layout, inverse)
+    # grad_x is the rotation of grad by minus the angle (by plus it for an inverse rotation)
+    assert_rotation(grad_x, grad, cos, sin, layout, inverse=not inverse)
+    assert grad_cos.shape == cos.shape and grad_cos.dtype == torch.float32
+    # float32 sums of at most B * H = 6 products of O(1) numbers
+    torch.testing.assert_close(grad_cos.double(), ref_cos, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad_sin.double(), ref_sin, atol=1e-5, rtol=1e-5)
+
+
+class TestTritonInterpreted:
+    """The kernel itself on CPU tensors, against float64."""
+
+    @param("table", list(TABLES))
+    @param("pairs", list(PAIRS))
+    @param("layout", LAYOUTS)
+    @param("dtype", DTYPES, ids=str)
+    def test_triton_rotation_and_inverse_match_float64(self, kernels, dtype, layout, pairs, table):
+        """Forward and inverse, every dtype and layout, partial rotation, shared / per-head / per-batch /
+        one-position / stride-0 tables, with x the q of a packed qkv projection (read in place)."""
+        x = make_x("qkv", dtype)
+        cos, sin = make_tables(table, PAIRS[pairs])
+        interleaved = layout == "interleaved"
+        for inverse in (False, True):
+            out = kernels.rotate(x, cos, sin, interleaved, inverse)
+            assert_rotation(out, x, cos, sin, layout, inverse)
+        assert len(kernels.launches) == 2  # no fallback
+
+    @param("view", VIEWS)
+    @param("layout", LAYOUTS)
+    @param("dtype", DTYPES, ids=str)
+    def test_triton_reads_every_view_of_x_in_place(self, kernels, dtype, layout, view):
+        """Contiguous, timm's qkv view, a transposed (B, N, H, D) projection, a stride-0 batch."""
+        x = make_x(view, dtype)
+        cos, sin = make_tables("per_head", PAIRS["partial"])
+        assert_rotation(kernels.rotate(x, cos, sin, layout == "interleaved", False), x, cos, sin, layout)
+        assert len(kernels.launches) == 1
+
+    @param("pairs, inverse", [("full", False), ("partial", True)])
+    @param("table", list(TABLES))
+    @param("layout", LAYOUTS)
+    @param("dtype", DTYPES, ids=str)
+    def test_triton_backward_matches_float64(self, kernels, dtype, layout, table, pairs, inverse):
+        """grad_x by the inverse rotation and grad_cos / grad_sin summed over the rows the table
+        broadcasts over, in one pass; grad is a strided view (of a packed qkv gradient)."""
+        x = make_x("contiguous", dtype)
+        grad = make_x("qkv", dtype, seed=7)
+        cos, sin = make_tables(table, PAIRS[pairs])
+        result = kernels.rotate_backward(grad, x, cos, sin, layout == "interleaved", inverse)
+        assert_backward(result, grad, x, cos, sin, layout, inverse)
+        assert len(kernels.launches) == 1 and kernels.launches[0]["BACKWARD"]
+
+    @param("table", ["shared", "per_head", "per_batch", "one_position"])
+    @param("layout", LAYOUTS)
+    @param("dtype", [torch.float32, torch.bfloat16], ids=str)
+    def test_triton_programs_that_loop_and_split_rows(self, kernels, monkeypatch, dtype, layout, table):
+        """With 16-element steps and few programs each program loops over several steps, and the
+        reduced rows are split between programs whose partial table gradients are then added: the same
+        numbers, and the table gradients bitwise equal from run to run."""
+        monkeypatch.setattr(kernels, "_TILE", 16)
+        monkeypatch.setattr(kernels, "_TARGET_PROGRAMS", 4)
+        x, grad = make_x("qkv", dtype), make_x("contiguous", dtype, seed=7)
+        cos, sin = make_tables(table, PAIRS["partial"])
+        interleaved = layout == "interleaved"
+        assert_rotation(kernels.rotate(x, cos, sin, interleaved, False), x, cos, sin, layout)
+        first = kernels.rotate_backward(grad, x, cos, sin, interleaved, False)
+        assert_backward(first, grad, x, cos, sin, layout, False)
+        second = kernels.rotate_backward(grad, x, cos, sin, interleaved, False)
+        assert all(torch.equal(a, b) for a, b in zip(first, second))
+        backward = kernels.launches[1]
+        assert backward["n_splits"] > 1, backward
+        if table != "per_head":  # per head, only the batch's 2 rows are reduced: one step per program
+            assert backward["steps_per_program"] > 1, backward
+
+    @param("layout", LAYOUTS)
+    def test_triton_pair_of_one_shape_is_one_launch(self, kernels, layout):
+        """q and k of the same shape and strides (views of one qkv) go through a single launch."""
+        qkv = torch.randn(B, N, 3, H, D, generator=torch.Generator().manual_seed(3)).bfloat16().permute(2, 0, 3, 1, 4)
+        q, k = qkv[0], qkv[1]
+        cos, sin = make_tables("per_head", PAIRS["partial"])
+        out_q, out_k = kernels.rotate_pair(q, k, cos, sin, layout == "interleaved", False)
+        assert_rotation(out_q, q, cos, sin, layout)
+        assert_rotation(out_k, k, cos, sin, layout)
+        assert len(kernels.launches) == 1 and kernels.launches[0]["PAIR"]
+
+    def test_triton_pair_of_two_shapes_takes_two_launches(self, kernels):
+        """Grouped-query attention: k has fewer heads than q; each still gets its own rotation."""
+        q, k = make_x("contiguous", torch.float16), make_x("bnhd", torch.float16, seed=4, heads=1)
+        cos, sin = make_tables("shared", PAIRS["full"])
+        out_q, out_k = kernels.rotate_pair(q, k, cos, sin, False, False)
+        assert_rotation(out_q, q, cos, sin, "half")
+        assert_rotation(out_k, k, cos, sin, "half")
+        assert len(kernels.launches) == 2 and not any(launch["PAIR"] for launch in kernels.launches)
+
+    def test_triton_empty_input_launches_nothing(self, kernels):
+        x = torch.empty(0, H, N, D)
+        cos, sin = make_tables("shared", 4)
+        assert kernels.rotate(x, cos, sin, False, False).shape == x.shape
+        grad_x, grad_cos, grad_sin = kernels.rotate_backward(x, x, cos, sin, False, False)
+        assert grad_x.shape == x.shape and not grad_cos.any() and not grad_sin.any()
+        assert kernels.launches == []
+
+    def test_triton_geometry_beyond_the_kernel_is_declined(self, kernels):
+        """Rows whose strides cannot be merged into 3 reduced + 2 kept dims: the kernel declines (None)
+        and the op runs the torch formula instead (next class)."""
+        base = torch.randn(2, 3, 2, 3, N, D)  # 5 row dims that a permutation keeps from merging
+        x = base.permute(3, 0, 2, 1, 4, 5)
+        cos, sin = make_tables("one_position", 4)
+        assert kernels.rotate(x, cos, sin, False, False) is None
+        assert kernels.launches == []
+
+
+class TestTritonOpRouting:
+    """The ops' CUDA implementations (`ndrope._ops`), run here on CPU tensors with the interpreted kernel."""
+
+    @pytest.fixture(autouse=True)
+    def use_interpreted(self, kernels, monkeypatch):
+        monkeypatch.setattr(_ops, "gpu_kernels", lambda: kernels)
+
+    def test_triton_kernels_are_registered_for_cuda(self):
+        for name in ("rotate", "rotate_pair", "rotate_backward"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ndrope::{name}", "CUDA"), name
+
+    @param("layout", LAYOUTS)
+    def test_triton_cuda_ops_run_the_kernel(self, kernels, layout):
+        x, k = make_x("qkv", torch.bfloat16), make_x("qkv", torch.bfloat16, seed=2)
+        cos, sin = make_tables("per_head", PAIRS["full"])
+        interleaved = layout == "interleaved"
+        assert_rotation(_ops._rotate_cuda(x, cos, sin, interleaved, False), x, cos, sin, layout)
+        out_q, out_k = _ops._rotate_pair_cuda(x, k, cos, sin, interleaved, False)
+        assert_rotation(out_q, x, cos, sin, layout)
+        assert_rotation(out_k, k, cos, sin, layout)
+        assert_backward(_ops._rotate_backward_cuda(k, x, cos, sin, interleaved, False), k, x, cos, sin, layout, False)
+        assert [(launch["PAIR"], launch["BACKWARD"]) for launch in kernels.launches] == [(False, False), (True, False), (False, True)]
+
+    @param(
+        "case", ["float64", "float64_tables", "strided_last_dim", "strided_table", "beyond_the_kernel", "no_pairs"]
+    )
+    def test_triton_cuda_ops_fall_back_to_the_formula(self, kernels, case):
+        """What the kernel does not take runs the torch formula, with the same result."""
+        x = make_x("contiguous", torch.float32)
+        cos, sin = make_tables("shared", 4)
+        if case == "float64":
+            x, cos, sin = x.double(), cos.double(), sin.double()
+        elif case == "float64_tables":
+            cos, sin = cos.double(), sin.double()
+        elif case == "strided_last_dim":
+            x = x.transpose(-1, -2).contiguous().transpose(-1, -2)
+        elif case == "strided_table":
+            cos = torch.stack((cos, cos), dim=-1)[..., 0]
+        elif case == "beyond_the_kernel":
+            x = torch.randn(2, 3, 2, 3, N, D).permute(3, 0, 2, 1, 4, 5)
+            cos, sin = make_tables("one_position", 4)
+        else:
+            cos, sin = cos[..., :0], sin[..., :0]
+        out = _ops._rotate_cuda(x, cos, sin, False, False)
+        torch.testing.assert_close(out.double(), exact(x, cos, sin, "half"), atol=1e-6, rtol=1e-6)
+        grad_x, grad_cos, _ = _ops._rotate_backward_cuda(x, x, cos, sin, False, False)
+        reference = reference_grads(x, x, cos, sin, "half", False)
+        torch.testing.assert_close((grad_x.double(), grad_cos.double()), reference[:2], atol=1e-5, rtol=1e-5)
+        assert kernels.launches == []
+
+    @param("op", ["rotate", "rotate_pair", "rotate_backward"])
+    def test_triton_cuda_ops_refuse_tables_on_another_device(self, kernels, op):
+        x = make_x("contiguous", torch.float32)
+        cos, sin = make_tables("shared", 4)
+        cos = cos.to("meta")
+        with pytest.raises(ValueError, match=r"cos is on meta but (x|q) is on cpu"):
+            if op == "rotate":
+                _ops._rotate_cuda(x, cos, sin, False, False)
+            elif op == "rotate_pair":
+                _ops._rotate_pair_cuda(x, x, cos, sin, False, False)
+            else:
+                _ops._rotate_backward_cuda(x, x, cos, sin, False, False)
+        assert kernels.launches == []
+
+
+def real_kernels() -> ModuleType:
+    """The module CUDA calls use; its kernel must be compiled (not interpreted) for tracing."""
+    try:
+        import triton  # noqa: F401  (availability check)
+    except ImportError as error:
+        pytest.skip(f"triton cannot be imported ({error})")
+    if os.environ.get("TRITON_INTERPRET") not in (None, "", "0"):
+        pytest.skip("TRITON_INTERPRET is set for the whole process: the real kernel is interpreted and cannot be traced")
+    kernels = _ops.gpu_kernels()
+    assert kernels is not None
+    return kernels
+
+
+def trace_on_fake_cuda(fn, *shapes_and_dtypes) -> str:
+    """The forward graph AOTDispatcher (torch.compile's middle layer) records for ``fn`` on fake CUDA
+    tensors: no GPU is needed to see what Inductor would be given."""
+    from functorch.compile import aot_function
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    graphs: list[str] = []
+
+    def capture(graph, inputs):
+        graphs.append(graph.code)
+        return graph
+
+    with FakeTensorMode():
+        inputs = [torch.empty(shape, dtype=dtype, device="cuda") for shape, dtype in shapes_and_dtypes]
+        aot_function(fn, fw_compiler=capture)(*inputs)
+    return graphs[0]
+
+
+def compiled_rotations(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    rotated = ndrope.apply_rotary(q, (cos, sin))
+    pair = ndrope.apply_rotary_pair(q, k, (cos, sin), layout="interleaved")
+    grads = torch.ops.ndrope.rotate_backward(k, q, cos, sin, False, False)
+    return rotated, *pair, *grads
+
+
+FAKE_INPUTS = [((B, H, N, D), torch.bfloat16), ((B, H, N, D), torch.bfloat16), ((N, 8), torch.float32), ((N, 8), torch.float32)]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+class TestTritonUnderCompile:
+    """What ``torch.compile`` gets for CUDA tensors: the Triton launch (or the formula), never an opaque op."""
+
+    def test_triton_launch_is_what_compile_records_on_cuda(self):
+        real_kernels()
+        code = trace_on_fake_cuda(compiled_rotations, *FAKE_INPUTS)
+        assert code.count("triton_kernel_wrapper_functional(") == 3, code  # rotate, the pair in one, backward
+        assert "'PAIR': True" in code and "'BACKWARD': True" in code
+        assert "ndrope" not in code
+
+    def test_triton_formula_choice_gives_inductor_the_formula(self):
+        real_kernels()
+        previous = ndrope.set_compiled_rotation("formula")
+        try:
+            code = trace_on_fake_cuda(compiled_rotations, *FAKE_INPUTS)
+        finally:
+            ndrope.set_compiled_rotation(previous)
+        assert "triton_kernel_wrapper" not in code and "ndrope" not in code
+        assert "aten.mul" in code and "aten.cat" in code
+
+    def test_triton_symbolic_sizes_guard_only_on_block_thresholds(self):
+        """Under dynamic shapes the launch stays symbolic in the token count: its guards (N >= 16 for the
+        row block, and the launch counts' 0/1 specialisation) hold at 224, 256, 288 and 384 px, so those
+        resolutions reuse the graph."""
+        real_kernels()
+        from functorch.compile import aot_function
+        from torch._dynamo.source import ConstantSource
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+        env = ShapeEnv()
+        symbol = env.create_symbol(197, source=ConstantSource("tokens"), dynamic_dim=DimDynamic.DYNAMIC)
+        tokens = env.create_symintnode(symbol, hint=197)
+        graphs = []
+        with FakeTensorMode(shape_env=env):
+            q, k = (torch.empty(8, 3, tokens, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+            cos, sin = (torch.empty(tokens, 32, device="cuda") for _ in range(2))
+            aot_function(compiled_rotations, fw_compiler=lambda g, _: graphs.append(g.code) or g, dynamic=True)(q, k, cos, sin)
+        assert graphs[0].count("triton_kernel_wrapper_functional(") == 3
+        on_tokens = [guard.expr for guard in env.guards if symbol in guard.expr.free_symbols]
+        assert f"{symbol} >= 16" in map(str, on_tokens)
+        for side in (14, 16, 18, 24):  # the patch grids of ViT-B/16 at 224-384 px, with the class token
+            held = [bool(guard.xreplace({symbol: side * side + 1})) for guard in on_tokens]
+            assert all(held), [str(g) for g, ok in zip(on_tokens, held) if not ok]
+
+    def test_triton_cpu_tensors_keep_the_op_under_compile(self):
+        """On CPU the C++ kernel stays one node (what the CPU always had)."""
+        graphs = []
+
+        def capture(graph, inputs):
+            graphs.append(graph.code)
+            return graph
+
+        from functorch.compile import aot_function
+
+        x = make_x("contiguous", torch.float32)
+        cos, sin = make_tables("shared", 4)
+        aot_function(lambda x, c, s: ndrope.apply_rotary(x, (c, s)), fw_compiler=capture)(x, cos, sin)
+        assert graphs[0].count("ndrope.rotate.default") == 1
+
+    def test_triton_export_keeps_the_op_whatever_compile_is_given(self):
+        class Rotate(torch.nn.Module):
+            def forward(self, x, cos, sin):
+                return ndrope.apply_rotary(x, (cos, sin))
+
+        x = make_x("contiguous", torch.float32)
+        cos, sin = make_tables("shared", 4)
+        previous = ndrope.set_compiled_rotation("formula")
+        try:
+            exported = torch.export.export(Rotate(), (x, cos, sin))
+        finally:
+            ndrope.set_compiled_rotation(previous)
+        targets = [str(node.target) for node in exported.graph.nodes if node.op == "call_function"]
+        assert targets.count("ndrope.rotate.default") == 1, targets
+
+    def test_triton_compiled_rotation_choice_is_checked(self):
+        with pytest.raises(ValueError, match=r"choice='fused' is not supported; choose one of \['kernel', 'formula'\]"):
+            ndrope.set_compiled_rotation("fused")
