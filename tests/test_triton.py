@@ -76,25 +76,29 @@ def kernels(interpreted: ModuleType, monkeypatch: pytest.MonkeyPatch) -> ModuleT
     return interpreted
 
 
-def make_x(view: str, dtype: torch.dtype, seed: int = 0, heads: int = H) -> torch.Tensor:
+def make_x(view: str, dtype: torch.dtype, seed: int = 0, heads: int = H, device: str = "cpu") -> torch.Tensor:
     """x (B, H, N, D) as attention layers hand it over: contiguous, q of timm's packed qkv (B, N, 3, H, D),
     a (B, N, H, D) projection transposed, or one (H, N, D) tensor broadcast over the batch."""
     g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
     if view == "contiguous":
-        return torch.randn(B, heads, N, D, generator=g).to(dtype)
+        return randn(B, heads, N, D)
     if view == "qkv":
-        return torch.randn(B, N, 3, heads, D, generator=g).to(dtype).permute(2, 0, 3, 1, 4)[0]
+        return randn(B, N, 3, heads, D).permute(2, 0, 3, 1, 4)[0]
     if view == "bnhd":
-        return torch.randn(B, N, heads, D, generator=g).to(dtype).transpose(1, 2)
-    return torch.randn(heads, N, D, generator=g).to(dtype).expand(B, heads, N, D)
+        return randn(B, N, heads, D).transpose(1, 2)
+    return randn(heads, N, D).expand(B, heads, N, D)
 
 
-def make_tables(table: str, pairs: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def make_tables(table: str, pairs: int, seed: int = 1, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """float32 cos/sin of random angles in [-10, 10), as `ndrope.apply_rotary` hands them to the op."""
     g = torch.Generator().manual_seed(seed)
     leading = (1, N) if table == "expanded" else TABLES[table]
     theta = torch.rand(*leading, pairs, generator=g, dtype=torch.float64) * 20 - 10
-    cos, sin = theta.cos().float(), theta.sin().float()
+    cos, sin = theta.cos().float().to(device), theta.sin().float().to(device)
     if table == "expanded":
         cos, sin = cos.expand(H, N, pairs), sin.expand(H, N, pairs)
     return cos, sin
@@ -444,3 +448,118 @@ class TestTritonUnderCompile:
     def test_triton_compiled_rotation_choice_is_checked(self):
         with pytest.raises(ValueError, match=r"choice='fused' is not supported; choose one of \['kernel', 'formula'\]"):
             ndrope.set_compiled_rotation("fused")
+
+
+@pytest.fixture
+def gpu_launches(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """The eager launches of the real (compiled) kernel on CUDA."""
+    kernels = real_kernels()
+    launches: list[dict] = []
+    real = kernels._launch
+
+    def counted(traceable: bool, programs: int, **arguments) -> None:
+        launches.append(dict(arguments, programs=programs))
+        real(traceable, programs, **arguments)
+
+    monkeypatch.setattr(kernels, "_launch", counted)
+    return launches
+
+
+def on_cpu(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [t.detach().cpu() for t in tensors]
+
+
+@pytest.mark.gpu
+class TestTritonOnGPU:
+    """The same kernel compiled for the GPU, through the public functions (``python -m pytest -m gpu``)."""
+
+    @param("view", VIEWS)
+    @param("table", list(TABLES))
+    @param("layout", LAYOUTS)
+    @param("dtype", DTYPES, ids=str)
+    def test_triton_gpu_rotation_and_gradients(self, gpu_launches, dtype, layout, table, view):
+        """`apply_rotary` on CUDA: values and learned-table gradients against float64 (the interpreter's
+        bounds), and against the torch formula on the same GPU within one unit in the last place."""
+        x = make_x(view, dtype, device="cuda")
+        cos, sin = make_tables(table, PAIRS["partial"], device="cuda")
+        x_leaf, cos_leaf, sin_leaf = (t.detach().clone().requires_grad_() for t in (x, cos, sin))
+        out = ndrope.apply_rotary(x_leaf, (cos_leaf, sin_leaf), layout=layout)
+        assert_rotation(out.detach().cpu(), *on_cpu(x, cos, sin), layout)
+        formula = _ops._rotate_torch(x, cos, sin, layout == "interleaved", False).cpu().double()
+        bound = ulp(formula, dtype) + 2.0**-22 * magnitude(*on_cpu(x, cos, sin), layout)  # each rounds once
+        assert ((out.detach().cpu().double() - formula).abs() <= bound).all()
+        grad = make_x("qkv", dtype, seed=7, device="cuda")
+        out.backward(grad)
+        result = on_cpu(x_leaf.grad, cos_leaf.grad, sin_leaf.grad)
+        assert_backward(result, *on_cpu(grad, x, cos, sin), layout, False)
+        assert [launch["BACKWARD"] for launch in gpu_launches] == [False, True]
+
+    @param("layout", LAYOUTS)
+    def test_triton_gpu_pair_in_one_launch(self, gpu_launches, layout):
+        qkv = torch.randn(B, N, 3, H, D, device="cuda", dtype=torch.bfloat16).permute(2, 0, 3, 1, 4)
+        cos, sin = make_tables("shared", PAIRS["full"], device="cuda")
+        out_q, out_k = ndrope.apply_rotary_pair(qkv[0], qkv[1], (cos, sin), layout=layout)
+        assert_rotation(out_q.cpu(), *on_cpu(qkv[0], cos, sin), layout)
+        assert_rotation(out_k.cpu(), *on_cpu(qkv[1], cos, sin), layout)
+        assert len(gpu_launches) == 1 and gpu_launches[0]["PAIR"]
+
+    @param("choice", ["kernel", "formula"])
+    def test_triton_gpu_compiled_rotation_equals_eager(self, choice):
+        """torch.compile (Inductor) of a rotation with either choice, forward and backward."""
+        torch.compiler.reset()
+        previous = ndrope.set_compiled_rotation(choice)
+        try:
+            x = make_x("qkv", torch.bfloat16, device="cuda").requires_grad_()
+            cos, sin = (t.requires_grad_() for t in make_tables("per_head", PAIRS["partial"], device="cuda"))
+            compiled = torch.compile(lambda x, c, s: ndrope.apply_rotary(x, (c, s)), fullgraph=True)
+            out = compiled(x, cos, sin)
+            out.float().square().sum().backward()
+        finally:
+            ndrope.set_compiled_rotation(previous)
+        eager = [t.detach().clone().requires_grad_() for t in (x, cos, sin)]
+        reference = ndrope.apply_rotary(eager[0], (eager[1], eager[2]))
+        reference.float().square().sum().backward()
+        torch.testing.assert_close(out, reference, atol=1e-2, rtol=1e-2)
+        for got, want in zip((x.grad, cos.grad, sin.grad), (t.grad for t in eager)):
+            torch.testing.assert_close(got, want, atol=5e-2, rtol=1e-2)
+
+    @param("pos_embed", ["rope_axial", "rope_mixed"])
+    def test_triton_gpu_compiled_vit_fullgraph_dynamic_at_three_resolutions(self, pos_embed):
+        """A ViT-S-like RoPE model compiled once with fullgraph=True, dynamic=True: forward and backward
+        at 224, 256 and 288 px equal eager's."""
+        import vit
+
+        torch.compiler.reset()
+        torch.manual_seed(0)
+        model = vit.create_vit(pos_embed, img_size=224, patch_size=16, embed_dim=384, depth=4, num_heads=6, num_classes=10)
+        model = model.cuda().train()
+        compiled = torch.compile(model, fullgraph=True, dynamic=True)
+        for size in (224, 256, 288):
+            images = torch.randn(4, 3, size, size, device="cuda", generator=torch.Generator("cuda").manual_seed(size))
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = compiled(images).float().square().mean()
+            loss.backward()
+            grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+            model.zero_grad()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                expected_loss = model(images).float().square().mean()
+            expected_loss.backward()
+            torch.testing.assert_close(loss, expected_loss, atol=2e-2, rtol=2e-2)
+            for name, p in model.named_parameters():
+                torch.testing.assert_close(grads[name], p.grad, atol=5e-2, rtol=5e-2, msg=name)
+            model.zero_grad()
+
+    @pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+    def test_triton_gpu_lightning_fit_in_bf16(self, data, tmp_path, gpu_launches):
+        """`train.py fit --config configs/fashion_mnist.yaml --trainer.fast_dev_run true
+        --trainer.accelerator gpu --trainer.precision bf16-mixed`, on the tests' small Fashion-MNIST files."""
+        from training.cli import cli_main
+
+        root = Path(__file__).resolve().parents[1]
+        cli = cli_main([
+            "fit", "--config", str(root / "configs" / "fashion_mnist.yaml"), f"--data.root={data / 'fashion'}",
+            "--trainer.fast_dev_run=true", "--trainer.accelerator=gpu", "--trainer.precision=bf16-mixed",
+            f"--trainer.default_root_dir={tmp_path}",
+        ])
+        assert cli.trainer.global_step == 1
+        assert any(launch["BACKWARD"] is False for launch in gpu_launches)  # the rotation ran on the kernel
