@@ -10,8 +10,8 @@ same tables in one call (one kernel launch on CUDA).
 
 Under ``torch.compile`` (AOTDispatcher's functionalization) the CUDA ops are replaced by their Triton
 launch, recorded through ``torch.library.wrap_triton`` as ``torch.library.triton_op`` does, so Inductor
-compiles the kernel into its graph; `set_compiled_rotation` ``("formula")`` gives Inductor the plain
-formula to fuse instead, on any device. ``torch.export`` keeps the ops.
+compiles the kernel into its graph; with `set_compiled_rotation` ``("formula")`` `ndrope.apply_rotary`
+hands Inductor the plain formula to fuse instead, on any device. ``torch.export`` keeps the ops.
 
 Autograd: the output is R(angle) x, so d out / d x is R(-angle): the backward is the same op with
 ``inverse=True`` and saves only the cos/sin tables (plus x when the angles need a gradient, as for
@@ -157,20 +157,27 @@ def _gpu_rotation(x: Tensor, cos: Tensor, sin: Tensor, *others: Tensor) -> Modul
     return kernels
 
 
-#: What ``torch.compile`` traces a rotation into: ``"kernel"`` the op's own kernel (the Triton kernel,
-#: compiled into Inductor's graph, on CUDA; the opaque C++ kernel on CPU), ``"formula"`` the plain
-#: formula, which Inductor fuses with its neighbours (the projection before, the attention after).
+#: What ``torch.compile`` turns `ndrope.apply_rotary` / `ndrope.apply_rotary_pair` into: ``"kernel"`` the
+#: op with its own kernel (on CUDA the Triton kernel, compiled into Inductor's graph; on CPU the C++
+#: kernel, one opaque node), ``"formula"`` the plain formula, which Inductor fuses with its neighbours
+#: (the projection before, the attention after) and differentiates itself.
 CompiledRotation = Literal["kernel", "formula"]
 _compiled_rotation: str = "kernel"
 
 
 def set_compiled_rotation(choice: CompiledRotation) -> str:
-    """Choose what ``torch.compile`` compiles ``ndrope.apply_rotary`` into (`CompiledRotation`); returns
-    the previous choice. Read while tracing: it applies to graphs compiled afterwards (call
-    ``torch.compiler.reset()`` to recompile). Eager calls always run the kernels."""
+    """Choose what ``torch.compile`` compiles ndrope's rotations into (`CompiledRotation`); returns the
+    previous choice. Compiled functions guard on it: a compiled model recompiles when the choice
+    changes. Eager calls and ``torch.export`` always use the op."""
     global _compiled_rotation
     previous, _compiled_rotation = _compiled_rotation, check_choice("choice", choice, CompiledRotation)
     return previous
+
+
+def traces_formula() -> bool:
+    """Whether torch.compile (not torch.export) is tracing with the ``"formula"`` choice. Read in the
+    traced function, so that Dynamo guards on the choice."""
+    return _compiled_rotation == "formula" and torch.compiler.is_compiling() and not torch.compiler.is_exporting()
 
 
 # Defined with torch.library.Library rather than the custom_op decorator: the dispatcher then calls
@@ -302,19 +309,6 @@ _LIBRARY.impl("rotate_backward", _rotate_backward_cuda, "CUDA")
 torch.library.register_fake("ndrope::rotate_backward", _rotate_backward_fake, lib=_LIBRARY)
 
 
-def _rotate_backward_formula(
-    grad: Tensor, x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, inverse: bool
-) -> tuple[Tensor, Tensor, Tensor]:
-    grad_cos, grad_sin = _angle_grads(grad, x, cos, interleaved, inverse)
-    return _rotate_formula(grad, cos, sin, interleaved, not inverse), grad_cos, grad_sin
-
-
-def _rotate_pair_formula(
-    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, inverse: bool
-) -> tuple[Tensor, Tensor]:
-    return _rotate_formula(q, cos, sin, interleaved, inverse), _rotate_formula(k, cos, sin, interleaved, inverse)
-
-
 def _export_keeps_ops() -> bool:
     """Whether torch.export is tracing: it keeps custom ops whole, as it does ``triton_op``s."""
     try:
@@ -327,35 +321,33 @@ def _export_keeps_ops() -> bool:
 _TRACED_TENSORS = (FakeTensor, FunctionalTensor)
 
 
-def _when_compiled(formula: Any, launch: Any, operands: Any) -> Any:
-    """A FunctionalTensorMode rule: what AOTDispatcher (``torch.compile``) records for one of the ops.
-    ``operands(args)`` gives (x, cos, sin, *others) for the kernel's `_gpu_rotation`."""
+def _kernel_when_compiled(launch: Any, operands: Any) -> Any:
+    """A FunctionalTensorMode rule: on CUDA, AOTDispatcher (``torch.compile``) records the op's Triton
+    launch, through ``torch.library.wrap_triton``, instead of the op, as ``torch.library.triton_op``
+    does; Inductor then compiles the kernel into its graph. Elsewhere, or where the kernel does not
+    take the operands, the op stays one node. ``operands(args)`` gives (x, cos, sin, *others)."""
 
     def rule(mode: FunctionalTensorMode, op: Any, types: tuple, args: tuple, kwargs: dict) -> Any:
         plain = all(t is Tensor or issubclass(t, _TRACED_TENSORS) for t in types)  # else a subclass decides
-        if plain and not kwargs and not _export_keeps_ops():
-            if _compiled_rotation == "formula":
-                with mode:
-                    return formula(*args)
-            x = args[0]
-            kernels = _gpu_rotation(*operands(args)) if x.device.type == "cuda" else None
+        if plain and not kwargs and args[0].device.type == "cuda" and not _export_keeps_ops():
+            kernels = _gpu_rotation(*operands(args))
             if kernels is not None:
                 with mode:
                     out = launch(kernels)(*args, traceable=True)
                 if out is not None:
                     return out
-        return mode.__torch_dispatch__(op, types, args, kwargs)  # the op stays one node
+        return mode.__torch_dispatch__(op, types, args, kwargs)
 
     return rule
 
 
-for _name, _formula, _launch, _operands in (
-    ("rotate", _rotate_formula, lambda kernels: kernels.rotate, lambda a: (a[0], a[1], a[2])),
-    ("rotate_pair", _rotate_pair_formula, lambda kernels: kernels.rotate_pair, lambda a: (a[0], a[2], a[3], a[1])),
-    ("rotate_backward", _rotate_backward_formula, lambda kernels: kernels.rotate_backward, lambda a: (a[1], a[2], a[3], a[0])),
+for _name, _launch, _operands in (
+    ("rotate", lambda kernels: kernels.rotate, lambda a: (a[0], a[1], a[2])),
+    ("rotate_pair", lambda kernels: kernels.rotate_pair, lambda a: (a[0], a[2], a[3], a[1])),
+    ("rotate_backward", lambda kernels: kernels.rotate_backward, lambda a: (a[1], a[2], a[3], a[0])),
 ):
     torch.library.register_torch_dispatch(
-        f"ndrope::{_name}", FunctionalTensorMode, _when_compiled(_formula, _launch, _operands), lib=_LIBRARY
+        f"ndrope::{_name}", FunctionalTensorMode, _kernel_when_compiled(_launch, _operands), lib=_LIBRARY
     )
 
 

@@ -317,6 +317,8 @@ def apply_rotary(x: Tensor, rotation: Rotation, *, layout: Layout = "half") -> T
     cos, sin = _op_tables(cos, sin, compute)
     x = _op_input(x, rows)
     interleaved = layout == "interleaved"
+    if _ops.traces_formula():  # torch.compile fuses it (`ndrope.set_compiled_rotation`)
+        return _ops._rotate_formula(x, cos, sin, interleaved, False)
     if _records_autograd(x, cos, sin):
         return _ops.Rotate.apply(x, cos, sin, interleaved, False)
     return _ops.rotate(x, cos, sin, interleaved, False)  # the same op, without autograd.Function's ~15 us
@@ -337,6 +339,8 @@ def apply_rotary_pair(q: Tensor, k: Tensor, rotation: Rotation, *, layout: Layou
     cos, sin = _op_tables(cos, sin, compute)
     q, k = _op_input(q, rows_q), _op_input(k, rows_k)
     interleaved = layout == "interleaved"
+    if _ops.traces_formula():
+        return _ops._rotate_formula(q, cos, sin, interleaved, False), _ops._rotate_formula(k, cos, sin, interleaved, False)
     if _records_autograd(q, k, cos, sin):
         return _ops.RotatePair.apply(q, k, cos, sin, interleaved, False)
     return _ops.rotate_pair(q, k, cos, sin, interleaved, False)

@@ -325,6 +325,41 @@ class TestTransforms:
         rotate(x2, t2).square().sum().backward()
         torch.testing.assert_close((x1.grad, t1.grad), (x2.grad, t2.grad), atol=1e-5, rtol=1e-5)
 
+    @param("pair", [False, True], ids=["apply_rotary", "apply_rotary_pair"])
+    def test_compiled_rotation_choice_is_guarded(self, pair):
+        """set_compiled_rotation("formula") hands Dynamo the formula (no op left for Inductor to stop at);
+        a compiled function recompiles when the choice changes, and export keeps the op either way."""
+        torch._dynamo.reset()
+        graphs = []
+
+        def backend(graph, inputs):
+            graphs.append({str(node.target) for node in graph.graph.nodes if node.op == "call_function"})
+            return graph
+
+        def rotate(q, k, theta):
+            if pair:
+                return ndrope.apply_rotary_pair(q, k, theta, layout="interleaved")
+            return ndrope.apply_rotary(q, theta, layout="interleaved"), k
+
+        q, k, theta = make_x(torch.bfloat16, contiguous=False), make_x(torch.bfloat16, seed=2), make_angles("per_head", 5)
+        compiled = torch.compile(rotate, backend=backend, fullgraph=True)
+        eager = rotate(q, k, theta)
+        try:
+            for choice in ("kernel", "formula", "kernel"):
+                ndrope.set_compiled_rotation(choice)
+                torch.testing.assert_close(compiled(q, k, theta), eager, **TOL[torch.bfloat16])
+                exported = torch.export.export(ApplyRotary(), (q.float(), theta))
+                assert [str(n.target) for n in exported.graph.nodes].count("ndrope.rotate.default") == 1
+        finally:
+            ndrope.set_compiled_rotation("kernel")
+        op = "ndrope.rotate_pair.default" if pair else "ndrope.rotate.default"
+        assert len(graphs) == 2  # kernel, formula; the second "kernel" call reuses the first graph
+        assert any(op in str(t) for t in graphs[0]) and not any("ndrope" in str(t) for t in graphs[1])
+
+    def test_compiled_rotation_choice_is_checked(self):
+        with pytest.raises(ValueError, match=r"choice='fused' is not supported; choose one of \['kernel', 'formula'\]"):
+            ndrope.set_compiled_rotation("fused")
+
     def test_export_holds_one_rotate_node(self):
         x, theta = make_x(torch.float32), make_angles("per_head", D // 2)
         exported = torch.export.export(ApplyRotary(), (x, theta))

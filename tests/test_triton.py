@@ -371,7 +371,8 @@ FAKE_INPUTS = [((B, H, N, D), torch.bfloat16), ((B, H, N, D), torch.bfloat16), (
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 class TestTritonUnderCompile:
-    """What ``torch.compile`` gets for CUDA tensors: the Triton launch (or the formula), never an opaque op."""
+    """What ``torch.compile`` gets for CUDA tensors: the Triton launch, not an opaque op (the formula
+    choice, `ndrope.set_compiled_rotation`, is tested in tests/test_ops.py)."""
 
     def test_triton_launch_is_what_compile_records_on_cuda(self):
         real_kernels()
@@ -379,16 +380,6 @@ class TestTritonUnderCompile:
         assert code.count("triton_kernel_wrapper_functional(") == 3, code  # rotate, the pair in one, backward
         assert "'PAIR': True" in code and "'BACKWARD': True" in code
         assert "ndrope" not in code
-
-    def test_triton_formula_choice_gives_inductor_the_formula(self):
-        real_kernels()
-        previous = ndrope.set_compiled_rotation("formula")
-        try:
-            code = trace_on_fake_cuda(compiled_rotations, *FAKE_INPUTS)
-        finally:
-            ndrope.set_compiled_rotation(previous)
-        assert "triton_kernel_wrapper" not in code and "ndrope" not in code
-        assert "aten.mul" in code and "aten.cat" in code
 
     def test_triton_symbolic_sizes_guard_only_on_block_thresholds(self):
         """Under dynamic shapes the launch stays symbolic in the token count: its guards (N >= 16 for the
@@ -430,24 +421,6 @@ class TestTritonUnderCompile:
         aot_function(lambda x, c, s: ndrope.apply_rotary(x, (c, s)), fw_compiler=capture)(x, cos, sin)
         assert graphs[0].count("ndrope.rotate.default") == 1
 
-    def test_triton_export_keeps_the_op_whatever_compile_is_given(self):
-        class Rotate(torch.nn.Module):
-            def forward(self, x, cos, sin):
-                return ndrope.apply_rotary(x, (cos, sin))
-
-        x = make_x("contiguous", torch.float32)
-        cos, sin = make_tables("shared", 4)
-        previous = ndrope.set_compiled_rotation("formula")
-        try:
-            exported = torch.export.export(Rotate(), (x, cos, sin))
-        finally:
-            ndrope.set_compiled_rotation(previous)
-        targets = [str(node.target) for node in exported.graph.nodes if node.op == "call_function"]
-        assert targets.count("ndrope.rotate.default") == 1, targets
-
-    def test_triton_compiled_rotation_choice_is_checked(self):
-        with pytest.raises(ValueError, match=r"choice='fused' is not supported; choose one of \['kernel', 'formula'\]"):
-            ndrope.set_compiled_rotation("fused")
 
 
 @pytest.fixture
