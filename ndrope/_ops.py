@@ -329,7 +329,8 @@ def _kernel_when_compiled(launch: Any, operands: Any) -> Any:
 
     def rule(mode: FunctionalTensorMode, op: Any, types: tuple, args: tuple, kwargs: dict) -> Any:
         plain = all(t is Tensor or issubclass(t, _TRACED_TENSORS) for t in types)  # else a subclass decides
-        if plain and not kwargs and args[0].device.type == "cuda" and not _export_keeps_ops():
+        traceable = hasattr(torch.library, "wrap_triton")  # torch >= 2.6
+        if plain and traceable and not kwargs and args[0].device.type == "cuda" and not _export_keeps_ops():
             kernels = _gpu_rotation(*operands(args))
             if kernels is not None:
                 with mode:

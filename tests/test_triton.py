@@ -498,13 +498,13 @@ class TestTritonOnGPU:
 
     @param("pos_embed", ["rope_axial", "rope_mixed"])
     def test_triton_gpu_compiled_vit_fullgraph_dynamic_at_three_resolutions(self, pos_embed):
-        """A ViT-S-like RoPE model compiled once with fullgraph=True, dynamic=True: forward and backward
+        """A two-block ViT-S/16-wide RoPE model compiled once with fullgraph=True, dynamic=True: forward and backward
         at 224, 256 and 288 px equal eager's."""
         import vit
 
         torch.compiler.reset()
         torch.manual_seed(0)
-        model = vit.create_vit(pos_embed, img_size=224, patch_size=16, embed_dim=384, depth=4, num_heads=6, num_classes=10)
+        model = vit.create_vit(pos_embed, img_size=224, patch_size=16, embed_dim=384, depth=2, num_heads=6, num_classes=10)
         model = model.cuda().train()
         compiled = torch.compile(model, fullgraph=True, dynamic=True)
         for size in (224, 256, 288):
