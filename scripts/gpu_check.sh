@@ -5,12 +5,13 @@
 #   2. python -m bench --device cuda --skip-vit: GB/s and time against the copy bound, forward and
 #      forward+backward, ViT-B/16, video and LLM shapes, bfloat16 and float32, beside the peers;
 #   3. python -m bench --device cuda --skip-rotary: a compiled ViT-B/16 training step, ndrope against timm's formula.
-# Meant to finish in under 8 minutes (each part has its own time limit, so one slow part cannot take the
-# others' results with it). Logs and JSON go to the folder given as the first argument (gpu-results/).
+# Meant to finish in under 8 minutes: each part has its own time limit (180 + 150 + 150 s), so one slow
+# part cannot take the others' results with it. Logs and JSON go to the folder given as the first
+# argument (default runs/gpu-check/, ignored by git).
 #   usage: scripts/gpu_check.sh [results-folder]
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:-gpu-results}
+out=${1:-runs/gpu-check}
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
