@@ -29,6 +29,7 @@ Block sizes are heuristics (about 4096 elements per step, ~1024 programs per lau
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -242,25 +243,51 @@ def _cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b  # ints or SymInts alike
 
 
+_POINTERS = dict.fromkeys(("src", "out", "x", "cos", "sin", "grad_cos", "grad_sin", "src_pair", "out_pair"))
+
+
 def _launch(traceable: bool, programs: int, **arguments) -> None:
+    """One launch; pointers not given are None (the kernel's constexpr branches never read them)."""
     # wrap_triton makes the launch a node that make_fx / AOTDispatcher record and Inductor compiles;
     # eager calls skip it (its dispatch costs about a millisecond).
     kernel = torch.library.wrap_triton(_rotary_kernel) if traceable else _rotary_kernel
-    kernel[(programs,)](**arguments, num_warps=4)
+    kernel[(programs,)](**{**_POINTERS, **arguments}, num_warps=4)
 
 
-def _rotation_arguments(
-    geometry: _Geometry, plan: _Launch, src: Tensor, out: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, inverse: bool
-) -> dict:
+class _Call(NamedTuple):
+    """A launch for one geometry, without its tensors: the kernel's integer and constexpr arguments."""
+
+    scalars: dict[str, int | bool]
+    programs: int
+    n_splits: int
+
+
+_CALLS: dict[tuple, _Call | None] = {}
+_MAX_CALLS = 256
+
+
+def _call(key: tuple, build: Callable[[], _Call | None], traceable: bool) -> _Call | None:
+    """``build()``, kept per geometry ``key`` for eager calls (about 30 us of Python saved per call);
+    rebuilt while tracing, where sizes may be symbolic."""
+    if traceable:
+        return build()
+    key = (*key, _TILE, _TARGET_PROGRAMS)
+    if key not in _CALLS:
+        if len(_CALLS) >= _MAX_CALLS:
+            _CALLS.clear()
+        _CALLS[key] = build()
+    return _CALLS[key]
+
+
+def _rotation_scalars(geometry: _Geometry, plan: _Launch, pairs: int, head_dim: int, interleaved: bool, inverse: bool) -> dict:
     strides, sizes = geometry.strides, geometry.sizes
     return dict(
-        src=src, out=out, x=None, cos=cos, sin=sin, grad_cos=None, grad_sin=None, src_pair=None, out_pair=None,
         size_r1=sizes[1], size_r2=sizes[2], size_k0=sizes[3], size_k1=sizes[4],
         n_steps=plan.n_steps, steps_per_program=plan.steps_per_program, n_splits=plan.n_splits,
         **_named("src", strides["src"]), **_named("out", strides["out"]), **_named("x", (0,) * len(sizes)),
         cos_k0=strides["cos"][3], cos_k1=strides["cos"][4], sin_k0=strides["sin"][3], sin_k1=strides["sin"][4],
         grad_k0=0, grad_k1=0, grad_split=0,
-        PAIRS=int(cos.shape[-1]), HEAD_DIM=int(src.shape[-1]), **plan.blocks,
+        PAIRS=pairs, HEAD_DIM=head_dim, **plan.blocks,
         INTERLEAVED=interleaved, INVERSE=inverse, BACKWARD=False, PAIR=False,
     )
 
@@ -288,18 +315,30 @@ def _operand_strides(rows: tuple[int, ...], **operands: Tensor) -> dict[str, lis
     return {name: _row_strides(tensor, rows) for name, tensor in operands.items()}
 
 
+def _rotation_call(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, inverse: bool, pair: bool) -> _Call | None:
+    rows = tuple(x.shape[:-1])
+    out_strides = _aligned_strides(rows, _contiguous_strides(tuple(x.shape))[:-1], rows)  # out is contiguous
+    strides = dict(_operand_strides(rows, src=x, cos=cos, sin=sin), out=out_strides)
+    geometry = _geometry(rows, cos, strides)
+    if geometry is None:
+        return None
+    plan = _plan(geometry.sizes, int(cos.shape[-1]), int(x.shape[-1]))
+    scalars = _rotation_scalars(geometry, plan, int(cos.shape[-1]), int(x.shape[-1]), interleaved, inverse)
+    scalars["PAIR"] = pair
+    return _Call(scalars, (2 if pair else 1) * plan.programs, plan.n_splits)
+
+
 def rotate(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, inverse: bool, *, traceable: bool = False) -> Tensor | None:
     """x (..., N, D) rotated by cos/sin (..., N, P) broadcastable to its rows, in a new contiguous
     tensor of x's shape and dtype; None where the geometry does not fit the kernel (see `_geometry`)."""
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.numel() == 0:
         return out
-    rows = tuple(x.shape[:-1])
-    geometry = _geometry(rows, cos, _operand_strides(rows, src=x, out=out, cos=cos, sin=sin))
-    if geometry is None:
+    key = ("rotate", x.shape, x.stride(), cos.shape, cos.stride(), sin.stride(), interleaved, inverse)
+    call = _call(key, lambda: _rotation_call(x, cos, sin, interleaved, inverse, pair=False), traceable)
+    if call is None:
         return None
-    plan = _plan(geometry.sizes, int(cos.shape[-1]), int(x.shape[-1]))
-    _launch(traceable, plan.programs, **_rotation_arguments(geometry, plan, x, out, cos, sin, interleaved, inverse))
+    _launch(traceable, call.programs, **call.scalars, src=x, out=out, cos=cos, sin=sin)
     return out
 
 
@@ -312,17 +351,32 @@ def rotate_pair(
         out_q = rotate(q, cos, sin, interleaved, inverse, traceable=traceable)
         out_k = rotate(k, cos, sin, interleaved, inverse, traceable=traceable)
         return None if out_q is None or out_k is None else (out_q, out_k)
+    key = ("pair", q.shape, q.stride(), cos.shape, cos.stride(), sin.stride(), interleaved, inverse)
+    call = _call(key, lambda: _rotation_call(q, cos, sin, interleaved, inverse, pair=True), traceable)
+    if call is None:
+        return None
     out_q = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     out_k = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    rows = tuple(q.shape[:-1])
-    geometry = _geometry(rows, cos, _operand_strides(rows, src=q, out=out_q, cos=cos, sin=sin))
+    _launch(traceable, call.programs, **call.scalars, src=q, out=out_q, src_pair=k, out_pair=out_k, cos=cos, sin=sin)
+    return out_q, out_k
+
+
+def _backward_call(grad: Tensor, x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, inverse: bool) -> _Call | None:
+    rows = tuple(x.shape[:-1])
+    table_shape = tuple(cos.shape)
+    strides = _operand_strides(rows, src=grad, x=x, cos=cos, sin=sin)
+    strides["out"] = _aligned_strides(rows, _contiguous_strides(tuple(x.shape))[:-1], rows)  # grad_x is contiguous
+    strides["slot"] = _aligned_strides(table_shape[:-1], _contiguous_strides(table_shape)[:-1], rows)
+    geometry = _geometry(rows, cos, strides)
     if geometry is None:
         return None
-    plan = _plan(geometry.sizes, int(cos.shape[-1]), int(q.shape[-1]))
-    arguments = _rotation_arguments(geometry, plan, q, out_q, cos, sin, interleaved, inverse)
-    arguments.update(src_pair=k, out_pair=out_k, PAIR=True)
-    _launch(traceable, 2 * plan.programs, **arguments)
-    return out_q, out_k
+    plan = _plan(geometry.sizes, int(cos.shape[-1]), int(x.shape[-1]))
+    scalars = _rotation_scalars(geometry, plan, int(cos.shape[-1]), int(x.shape[-1]), interleaved, inverse)
+    slot = geometry.strides["slot"]
+    scalars.update(
+        **_named("x", geometry.strides["x"]), grad_k0=slot[3], grad_k1=slot[4], grad_split=cos.numel(), BACKWARD=True
+    )
+    return _Call(scalars, plan.programs, plan.n_splits)
 
 
 def rotate_backward(
@@ -337,28 +391,19 @@ def rotate_backward(
     grad_cos, grad_sin = torch.empty_like(cos), torch.empty_like(sin)
     if x.numel() == 0:
         return grad_x, grad_cos.zero_(), grad_sin.zero_()
-    rows = tuple(x.shape[:-1])
-    table_shape = tuple(cos.shape)
-    strides = _operand_strides(rows, src=grad, out=grad_x, x=x, cos=cos, sin=sin)
-    strides["slot"] = _aligned_strides(table_shape[:-1], _contiguous_strides(table_shape)[:-1], rows)
-    geometry = _geometry(rows, cos, strides)
-    if geometry is None:
+    key = ("backward", x.shape, grad.stride(), x.stride(), cos.shape, cos.stride(), sin.stride(), interleaved, inverse)
+    call = _call(key, lambda: _backward_call(grad, x, cos, sin, interleaved, inverse), traceable)
+    if call is None:
         return None
-    plan = _plan(geometry.sizes, int(cos.shape[-1]), int(x.shape[-1]))
     # the kernel writes cos-shaped contiguous slots: grad_cos itself when it is one and one slot suffices
-    direct = plan.n_splits == 1 and grad_cos.is_contiguous() and grad_sin.is_contiguous()
+    direct = call.n_splits == 1 and grad_cos.is_contiguous() and grad_sin.is_contiguous()
     if direct:
         slots_cos, slots_sin = grad_cos, grad_sin
     else:
-        slots_cos = torch.empty((plan.n_splits, *table_shape), dtype=torch.float32, device=x.device)
+        slots_cos = torch.empty((call.n_splits, *cos.shape), dtype=torch.float32, device=x.device)
         slots_sin = torch.empty_like(slots_cos)
-    steps = geometry.strides
-    arguments = _rotation_arguments(geometry, plan, grad, grad_x, cos, sin, interleaved, inverse)
-    arguments.update(
-        x=x, grad_cos=slots_cos, grad_sin=slots_sin, BACKWARD=True,
-        **_named("x", steps["x"]), grad_k0=steps["slot"][3], grad_k1=steps["slot"][4], grad_split=cos.numel(),
-    )
-    _launch(traceable, plan.programs, **arguments)
+    tensors = dict(src=grad, out=grad_x, x=x, cos=cos, sin=sin, grad_cos=slots_cos, grad_sin=slots_sin)
+    _launch(traceable, call.programs, **call.scalars, **tensors)
     if not direct:
         torch.sum(slots_cos, dim=0, out=grad_cos)
         torch.sum(slots_sin, dim=0, out=grad_sin)

@@ -245,6 +245,19 @@ class TestTritonInterpreted:
         assert_rotation(out_k, k, cos, sin, "half")
         assert len(kernels.launches) == 2 and not any(launch["PAIR"] for launch in kernels.launches)
 
+    def test_triton_launch_plans_are_kept_per_geometry(self, kernels, monkeypatch):
+        """Eager calls reuse the launch arguments worked out for a geometry (shape, strides, layout); a
+        full cache is cleared, and every geometry still gets its own."""
+        monkeypatch.setattr(kernels, "_CALLS", {})
+        monkeypatch.setattr(kernels, "_MAX_CALLS", 2)
+        cos, sin = make_tables("shared", PAIRS["partial"])
+        for _ in range(2):
+            for view in VIEWS:
+                x = make_x(view, torch.float32)
+                for layout in LAYOUTS:
+                    assert_rotation(kernels.rotate(x, cos, sin, layout == "interleaved", False), x, cos, sin, layout)
+        assert 1 <= len(kernels._CALLS) <= 2
+
     def test_triton_empty_input_launches_nothing(self, kernels):
         x = torch.empty(0, H, N, D)
         cos, sin = make_tables("shared", 4)
