@@ -147,14 +147,28 @@ def _on_device(x: Tensor) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _gpu_rotation(x: Tensor, cos: Tensor, sin: Tensor, *others: Tensor) -> ModuleType | None:
-    """The Triton kernels when they take these operands (else the caller runs the torch formula)."""
+#: Per op: its operands as (x, cos, sin, *others) for the kernel's checks, with their names.
+_GPU_OPERANDS = {
+    "rotate": (lambda a: (a[0], a[1], a[2]), ("x", "cos", "sin")),
+    "rotate_pair": (lambda a: (a[0], a[2], a[3], a[1]), ("q", "cos", "sin", "k")),
+    "rotate_backward": (lambda a: (a[1], a[2], a[3], a[0]), ("x", "cos", "sin", "grad")),
+}
+
+
+def _on_gpu(name: str, args: tuple, *, traceable: bool = False) -> Any:
+    """Op ``name`` on ``args`` by the Triton kernel, or None where it does not take them (triton
+    missing; float64; a strided last dim; a geometry beyond the kernel): the caller runs the formula."""
+    operands, names = _GPU_OPERANDS[name]
+    x, cos, sin, *others = operands(args)
+    if not traceable:
+        _check_devices(names[0], x, *zip(names[1:], (cos, sin, *others)))
     kernels = gpu_kernels()
     if kernels is None or not kernels.takes(x, cos, sin) or not _unit_stride(*others):
         return None
     if any(other.dtype not in kernels.DTYPES for other in others):
         return None
-    return kernels
+    with contextlib.nullcontext() if traceable else _on_device(x):
+        return getattr(kernels, name)(*args, traceable=traceable)
 
 
 #: What ``torch.compile`` turns `ndrope.apply_rotary` / `ndrope.apply_rotary_pair` into: ``"kernel"`` the
@@ -208,14 +222,8 @@ def _rotate_cpu(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, inverse:
 
 
 def _rotate_cuda(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, inverse: bool) -> Tensor:
-    _check_devices("x", x, ("cos", cos), ("sin", sin))
-    kernels = _gpu_rotation(x, cos, sin)
-    if kernels is not None:
-        with _on_device(x):
-            out = kernels.rotate(x, cos, sin, interleaved, inverse)
-        if out is not None:
-            return out
-    return _rotate_torch(x, cos, sin, interleaved, inverse)
+    out = _on_gpu("rotate", (x, cos, sin, interleaved, inverse))
+    return out if out is not None else _rotate_torch(x, cos, sin, interleaved, inverse)
 
 
 def _rotate_fake(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, inverse: bool) -> Tensor:
@@ -243,14 +251,8 @@ def _rotate_pair_cpu(
 def _rotate_pair_cuda(
     q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, inverse: bool
 ) -> tuple[Tensor, Tensor]:
-    _check_devices("q", q, ("k", k), ("cos", cos), ("sin", sin))
-    kernels = _gpu_rotation(q, cos, sin, k)
-    if kernels is not None:
-        with _on_device(q):
-            out = kernels.rotate_pair(q, k, cos, sin, interleaved, inverse)
-        if out is not None:
-            return out
-    return _rotate_cuda(q, cos, sin, interleaved, inverse), _rotate_cuda(k, cos, sin, interleaved, inverse)
+    out = _on_gpu("rotate_pair", (q, k, cos, sin, interleaved, inverse))
+    return out if out is not None else _rotate_pair_any(q, k, cos, sin, interleaved, inverse)
 
 
 def _rotate_pair_fake(
@@ -287,14 +289,8 @@ def _rotate_backward_cpu(
 def _rotate_backward_cuda(
     grad: Tensor, x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, inverse: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    _check_devices("x", x, ("grad", grad), ("cos", cos), ("sin", sin))
-    kernels = _gpu_rotation(x, cos, sin, grad)
-    if kernels is not None:
-        with _on_device(x):
-            out = kernels.rotate_backward(grad, x, cos, sin, interleaved, inverse)
-        if out is not None:
-            return out
-    return _rotate_backward_any(grad, x, cos, sin, interleaved, inverse)
+    out = _on_gpu("rotate_backward", (grad, x, cos, sin, interleaved, inverse))
+    return out if out is not None else _rotate_backward_any(grad, x, cos, sin, interleaved, inverse)
 
 
 def _rotate_backward_fake(
@@ -321,35 +317,23 @@ def _export_keeps_ops() -> bool:
 _TRACED_TENSORS = (FakeTensor, FunctionalTensor)
 
 
-def _kernel_when_compiled(launch: Any, operands: Any) -> Any:
-    """A FunctionalTensorMode rule: on CUDA, AOTDispatcher (``torch.compile``) records the op's Triton
-    launch, through ``torch.library.wrap_triton``, instead of the op, as ``torch.library.triton_op``
-    does; Inductor then compiles the kernel into its graph. Elsewhere, or where the kernel does not
-    take the operands, the op stays one node. ``operands(args)`` gives (x, cos, sin, *others)."""
-
-    def rule(mode: FunctionalTensorMode, op: Any, types: tuple, args: tuple, kwargs: dict) -> Any:
-        plain = all(t is Tensor or issubclass(t, _TRACED_TENSORS) for t in types)  # else a subclass decides
-        traceable = hasattr(torch.library, "wrap_triton")  # torch >= 2.6
-        if plain and traceable and not kwargs and args[0].device.type == "cuda" and not _export_keeps_ops():
-            kernels = _gpu_rotation(*operands(args))
-            if kernels is not None:
-                with mode:
-                    out = launch(kernels)(*args, traceable=True)
-                if out is not None:
-                    return out
-        return mode.__torch_dispatch__(op, types, args, kwargs)
-
-    return rule
+def _kernel_when_compiled(mode: FunctionalTensorMode, op: Any, types: tuple, args: tuple, kwargs: dict) -> Any:
+    """A FunctionalTensorMode rule for the ops: on CUDA, AOTDispatcher (``torch.compile``) records the
+    op's Triton launch, through ``torch.library.wrap_triton``, instead of the op, as
+    ``torch.library.triton_op`` does; Inductor then compiles the kernel into its graph. Elsewhere, or
+    where the kernel does not take the operands, the op stays one node."""
+    plain = all(t is Tensor or issubclass(t, _TRACED_TENSORS) for t in types)  # else a subclass decides
+    traceable = hasattr(torch.library, "wrap_triton")  # torch >= 2.6
+    if plain and traceable and not kwargs and args[0].device.type == "cuda" and not _export_keeps_ops():
+        with mode:
+            out = _on_gpu(op._opname, args, traceable=True)
+        if out is not None:
+            return out
+    return mode.__torch_dispatch__(op, types, args, kwargs)
 
 
-for _name, _launch, _operands in (
-    ("rotate", lambda kernels: kernels.rotate, lambda a: (a[0], a[1], a[2])),
-    ("rotate_pair", lambda kernels: kernels.rotate_pair, lambda a: (a[0], a[2], a[3], a[1])),
-    ("rotate_backward", lambda kernels: kernels.rotate_backward, lambda a: (a[1], a[2], a[3], a[0])),
-):
-    torch.library.register_torch_dispatch(
-        f"ndrope::{_name}", FunctionalTensorMode, _kernel_when_compiled(_launch, _operands), lib=_LIBRARY
-    )
+for _name in _GPU_OPERANDS:
+    torch.library.register_torch_dispatch(f"ndrope::{_name}", FunctionalTensorMode, _kernel_when_compiled, lib=_LIBRARY)
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:

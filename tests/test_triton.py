@@ -61,18 +61,23 @@ def interpreted() -> ModuleType:
     return load_interpreted()
 
 
-@pytest.fixture
-def kernels(interpreted: ModuleType, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    """The interpreted kernels, counting their launches in ``kernels.launches``."""
+def count_launches(kernels: ModuleType, monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """Every launch of ``kernels`` from now on: its arguments and program count."""
     launches: list[dict] = []
-    real = interpreted._launch
+    real = kernels._launch
 
     def counted(traceable: bool, programs: int, **arguments) -> None:
         launches.append(dict(arguments, programs=programs))
         real(traceable, programs, **arguments)
 
-    monkeypatch.setattr(interpreted, "_launch", counted)
-    monkeypatch.setattr(interpreted, "launches", launches, raising=False)
+    monkeypatch.setattr(kernels, "_launch", counted)
+    return launches
+
+
+@pytest.fixture
+def kernels(interpreted: ModuleType, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """The interpreted kernels, counting their launches in ``kernels.launches``."""
+    monkeypatch.setattr(interpreted, "launches", count_launches(interpreted, monkeypatch), raising=False)
     return interpreted
 
 
@@ -439,16 +444,7 @@ class TestTritonUnderCompile:
 @pytest.fixture
 def gpu_launches(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
     """The eager launches of the real (compiled) kernel on CUDA."""
-    kernels = real_kernels()
-    launches: list[dict] = []
-    real = kernels._launch
-
-    def counted(traceable: bool, programs: int, **arguments) -> None:
-        launches.append(dict(arguments, programs=programs))
-        real(traceable, programs, **arguments)
-
-    monkeypatch.setattr(kernels, "_launch", counted)
-    return launches
+    return count_launches(real_kernels(), monkeypatch)
 
 
 def on_cpu(*tensors: torch.Tensor) -> list[torch.Tensor]:
