@@ -131,12 +131,12 @@ def gpu_kernels() -> ModuleType | None:
     return _gpu_kernels
 
 
-def _check_devices(x_name: str, x: Tensor, *others: tuple[str, Tensor]) -> None:
+def _check_devices(op: str, x_name: str, x: Tensor, *others: tuple[str, Tensor]) -> None:
     for name, tensor in others:
         if tensor.device != x.device:
             raise ValueError(
-                f"ndrope.rotate: {name} is on {tensor.device} but {x_name} is on {x.device}; "
-                "the tables must be on x's device"
+                f"ndrope::{op}: {name} is on {tensor.device} but {x_name} is on {x.device}; "
+                f"every operand must be on {x_name}'s device"
             )
 
 
@@ -161,7 +161,7 @@ def _on_gpu(name: str, args: tuple, *, traceable: bool = False) -> Any:
     operands, names = _GPU_OPERANDS[name]
     x, cos, sin, *others = operands(args)
     if not traceable:
-        _check_devices(names[0], x, *zip(names[1:], (cos, sin, *others)))
+        _check_devices(name, names[0], x, *zip(names[1:], (cos, sin, *others)))
     kernels = gpu_kernels()
     if kernels is None or not kernels.takes(x, cos, sin) or not _unit_stride(*others):
         return None
