@@ -92,18 +92,15 @@ def _angle_grads(grad: Tensor, x: Tensor, cos: Tensor, interleaved: bool, invers
     return grad_cos.sum_to_size(cos.shape), grad_sin.sum_to_size(cos.shape)
 
 
-def _unit_stride(*tensors: Tensor) -> bool:
-    """Whether every tensor's last dim is unit-stride (the kernels address pairs by channel index)."""
-    return all(t.stride(-1) == 1 or t.shape[-1] <= 1 for t in tensors)
-
-
-def _use_kernel(x: Tensor, *operands: Tensor) -> bool:
+def _use_kernel(x: Tensor, cos: Tensor, sin: Tensor) -> bool:
     return (
         x.layout == torch.strided
         and x.numel() > 0  # an empty tensor has no data pointer, which the kernel refuses
         and x.dtype in _kernel.DTYPE_CODES
         and x.dim() - 1 <= _kernel.MAX_ROW_DIMS
-        and _unit_stride(x, *operands)
+        and x.stride(-1) == 1  # the kernel steps through channels one by one
+        and cos.stride(-1) == 1
+        and sin.stride(-1) == 1
         and _kernel.library() is not None
     )
 
@@ -163,9 +160,9 @@ def _on_gpu(name: str, args: tuple, *, traceable: bool = False) -> Any:
     if not traceable:
         _check_devices(name, names[0], x, *zip(names[1:], (cos, sin, *others)))
     kernels = gpu_kernels()
-    if kernels is None or not kernels.takes(x, cos, sin) or not _unit_stride(*others):
+    if kernels is None or not kernels.takes(x, cos, sin):
         return None
-    if any(other.dtype not in kernels.DTYPES for other in others):
+    if any(other.dtype not in kernels.DTYPES or other.stride(-1) != 1 for other in others):
         return None
     with contextlib.nullcontext() if traceable else _on_device(x):
         return getattr(kernels, name)(*args, traceable=traceable)
@@ -277,7 +274,7 @@ def _rotate_backward_any(
 def _rotate_backward_cpu(
     grad: Tensor, x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, inverse: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    if not _use_kernel(x, grad, cos, sin):
+    if not (_use_kernel(x, cos, sin) and grad.stride(-1) == 1):
         return _rotate_backward_any(grad, x, cos, sin, interleaved, inverse)
     grad_x = torch.empty(x.shape, dtype=x.dtype)
     grad_cos, grad_sin = torch.empty(cos.shape, dtype=cos.dtype), torch.empty(sin.shape, dtype=sin.dtype)

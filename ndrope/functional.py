@@ -289,11 +289,6 @@ def _op_input(x: Tensor, rows: tuple[int, ...]) -> Tensor:
     return x
 
 
-def _records_autograd(*tensors: Tensor) -> bool:
-    differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    return differentiable and not torch.jit.is_tracing()  # TorchScript records the op, not a Python Function
-
-
 def apply_rotary(x: Tensor, rotation: Rotation, *, layout: Layout = "half") -> Tensor:
     """Rotate x (..., N, D) by angles (..., N, P), or by their precomputed (cos, sin) pair.
 
@@ -319,7 +314,8 @@ def apply_rotary(x: Tensor, rotation: Rotation, *, layout: Layout = "half") -> T
     interleaved = layout == "interleaved"
     if _ops.traces_formula():  # torch.compile fuses it (`ndrope.set_compiled_rotation`)
         return _ops._rotate_formula(x, cos, sin, interleaved, False)
-    if _records_autograd(x, cos, sin):
+    differentiable = torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad)
+    if differentiable and not torch.jit.is_tracing():  # TorchScript records the op, not a Python Function
         return _ops.Rotate.apply(x, cos, sin, interleaved, False)
     return _ops.rotate(x, cos, sin, interleaved, False)  # the same op, without autograd.Function's ~15 us
 
@@ -341,6 +337,7 @@ def apply_rotary_pair(q: Tensor, k: Tensor, rotation: Rotation, *, layout: Layou
     interleaved = layout == "interleaved"
     if _ops.traces_formula():
         return _ops._rotate_formula(q, cos, sin, interleaved, False), _ops._rotate_formula(k, cos, sin, interleaved, False)
-    if _records_autograd(q, k, cos, sin):
+    differentiable = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or cos.requires_grad or sin.requires_grad)
+    if differentiable and not torch.jit.is_tracing():
         return _ops.RotatePair.apply(q, k, cos, sin, interleaved, False)
     return _ops.rotate_pair(q, k, cos, sin, interleaved, False)
