@@ -37,26 +37,28 @@ def unavailable() -> str | None:
 
 @contextlib.contextmanager
 def _counting(counts: dict[str, int]) -> Iterator[None]:
-    """Count rotation tables built (`RotaryEmbedding.rotation`) and rotations applied (the ``ndrope::rotate`` op)."""
+    """Count rotation tables built (`RotaryEmbedding.rotation`) and tensors rotated (by the ``ndrope::rotate``
+    op, or two at a time by ``ndrope::rotate_pair``)."""
     patched = [
-        (ndrope.modules.RotaryEmbedding, "rotation", "angle tables"),
-        (ndrope._ops, "rotate", "rotations"),
+        (ndrope.modules.RotaryEmbedding, "rotation", "angle tables", 1),
+        (ndrope._ops, "rotate", "rotations", 1),
+        (ndrope._ops, "rotate_pair", "rotations", 2),
     ]
-    originals = [getattr(owner, attr) for owner, attr, _ in patched]
+    originals = [getattr(owner, attr) for owner, attr, _, _ in patched]
 
-    def wrap(fn, key):
+    def wrap(fn, key, weight):
         def counted(*args, **kwargs):
-            counts[key] = counts.get(key, 0) + 1
+            counts[key] = counts.get(key, 0) + weight
             return fn(*args, **kwargs)
 
         return counted
 
-    for (owner, attr, key), original in zip(patched, originals):
-        setattr(owner, attr, wrap(original, key))
+    for (owner, attr, key, weight), original in zip(patched, originals):
+        setattr(owner, attr, wrap(original, key, weight))
     try:
         yield
     finally:
-        for (owner, attr, _), original in zip(patched, originals):
+        for (owner, attr, _, _), original in zip(patched, originals):
             setattr(owner, attr, original)
 
 

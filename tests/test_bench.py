@@ -156,3 +156,22 @@ def test_cuda_device_is_refused_without_a_gpu(monkeypatch):
         main(["--device", "cuda", "--skip-vit"])
     with pytest.raises(SystemExit, match="--shapes llm: not a cpu shape; choose from 1d,2d,3d"):
         main(["--shapes", "llm", "--skip-vit"])
+
+
+def test_rotations_are_counted_per_tensor_single_or_paired():
+    """The ViT bench's per-forward counts: `apply_rotary` is one rotation, `apply_rotary_pair` two."""
+    import torch
+
+    import ndrope
+    from bench import vit_step
+
+    rope = ndrope.RotaryEmbedding(16, n_axes=2)
+    q = k = torch.randn(1, 2, 6, 16)
+    counts: dict[str, int] = {}
+    with vit_step._counting(counts):
+        rotation = rope.rotation((2, 3))
+        ndrope.apply_rotary(q, rotation)
+        ndrope.apply_rotary_pair(q, k, rotation)
+        rope(q.requires_grad_(), k, (2, 3))
+    assert counts == {"angle tables": 2, "rotations": 5}
+    assert ndrope._ops.rotate_pair is torch.ops.ndrope.rotate_pair.default  # restored
