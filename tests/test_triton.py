@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -279,6 +281,21 @@ class TestTritonInterpreted:
         cos, sin = make_tables("one_position", 4)
         assert kernels.rotate(x, cos, sin, False, False) is None
         assert kernels.launches == []
+
+
+def test_triton_is_imported_on_the_first_cuda_rotation_only():
+    """`import ndrope` and CPU rotations never import triton (nor the kernel module, whose decorators read
+    TRITON_INTERPRET when it is imported)."""
+    code = (
+        "import sys, torch, ndrope\n"
+        "x = torch.randn(2, 3, 4, 8, requires_grad=True)\n"
+        "ndrope.apply_rotary(x, torch.randn(4, 4)).sum().backward()\n"
+        "print(sorted(m for m in ('triton', 'ndrope._triton') if m in sys.modules))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr
 
 
 class TestTritonOpRouting:
