@@ -1,6 +1,7 @@
-"""Interleaved timing: every round runs each candidate in turn, so load spikes on a shared machine
-hit all of them alike and ratios measured in one run stay meaningful. The order rotates from round to
-round, so that no candidate always inherits the caches and threads of the same predecessor."""
+"""Interleaved timing (`measure` by the wall clock, `measure_cuda` by CUDA events): every round runs
+each candidate in turn, so load spikes on a shared machine hit all of them alike and ratios measured
+in one run stay meaningful. The order rotates from round to round, so that no candidate always
+inherits the caches and threads of the same predecessor."""
 
 from __future__ import annotations
 
@@ -35,6 +36,33 @@ def measure(
             del result
             if round_index >= warmup:
                 times[name].append(elapsed)
+    return {
+        name: dict(median=statistics.median(values), min=min(values), rounds=values) for name, values in times.items()
+    }
+
+
+def measure_cuda(cases: Mapping[str, Callable[[], object]], repeats: int, *, calls: int = 10) -> dict[str, dict[str, float]]:
+    """`measure` for CUDA work: each timed sample is ``calls`` back-to-back calls between two CUDA
+    events (launch overhead overlaps the previous call's kernels, as in a model), divided by ``calls``.
+    Same rounds, rotation and results as `measure`; one untimed call settles each case per round."""
+    import torch
+
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    names = list(cases)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for round_index in range(1 + repeats):
+        shift = round_index % len(names) if names else 0
+        for name in names[shift:] + names[:shift]:
+            fn = cases[name]
+            fn()
+            start.record()
+            for _ in range(calls):
+                result = fn()
+                del result
+            end.record()
+            end.synchronize()
+            if round_index >= 1:
+                times[name].append(start.elapsed_time(end) / 1e3 / calls)
     return {
         name: dict(median=statistics.median(values), min=min(values), rounds=values) for name, values in times.items()
     }

@@ -1,4 +1,6 @@
-"""A ViT training step (forward, loss, backward, AdamW) per position encoding, against the learned baseline."""
+"""A ViT training step (forward, loss, backward, AdamW): on CPU per position encoding against the learned
+baseline (`run`); on a GPU, ViT-B/16 compiled with ndrope's rotation against the same step with timm's
+formula (`run_cuda`)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ import torch.nn.functional as F
 import ndrope
 import ndrope._ops
 
-from .timing import measure
+from .peers import compiled_rotation
+from .timing import measure, measure_cuda
 
 # name: (NDRopeVisionTransformer kwargs, batch size). Tiny-ish on 32px images, and ViT-S/16 at 224.
 CONFIGS: dict[str, tuple[dict[str, int], int]] = {
@@ -34,26 +37,28 @@ def unavailable() -> str | None:
 
 @contextlib.contextmanager
 def _counting(counts: dict[str, int]) -> Iterator[None]:
-    """Count rotation tables built (`RotaryEmbedding.rotation`) and rotations applied (the ``ndrope::rotate`` op)."""
+    """Count rotation tables built (`RotaryEmbedding.rotation`) and tensors rotated (by the ``ndrope::rotate``
+    op, or two at a time by ``ndrope::rotate_pair``)."""
     patched = [
-        (ndrope.modules.RotaryEmbedding, "rotation", "angle tables"),
-        (ndrope._ops, "rotate", "rotations"),
+        (ndrope.modules.RotaryEmbedding, "rotation", "angle tables", 1),
+        (ndrope._ops, "rotate", "rotations", 1),
+        (ndrope._ops, "rotate_pair", "rotations", 2),
     ]
-    originals = [getattr(owner, attr) for owner, attr, _ in patched]
+    originals = [getattr(owner, attr) for owner, attr, _, _ in patched]
 
-    def wrap(fn, key):
+    def wrap(fn, key, weight):
         def counted(*args, **kwargs):
-            counts[key] = counts.get(key, 0) + 1
+            counts[key] = counts.get(key, 0) + weight
             return fn(*args, **kwargs)
 
         return counted
 
-    for (owner, attr, key), original in zip(patched, originals):
-        setattr(owner, attr, wrap(original, key))
+    for (owner, attr, key, weight), original in zip(patched, originals):
+        setattr(owner, attr, wrap(original, key, weight))
     try:
         yield
     finally:
-        for (owner, attr, _), original in zip(patched, originals):
+        for (owner, attr, _, _), original in zip(patched, originals):
             setattr(owner, attr, original)
 
 
@@ -100,4 +105,83 @@ def run(configs: Sequence[str], repeats: int) -> list[dict[str, Any]]:
                     rotations_per_forward=counts[pos_embed].get("rotations", 0), depth=model_args["depth"],
                 )
             )
+    return rows
+
+
+# ViT-B/16 at 224, batch 64, bfloat16 autocast, compiled; ndrope's rotation (either compiled choice)
+# against the same model whose attention rotates with timm's formula (`apply_rot_embed`).
+CUDA_CONFIG: tuple[dict[str, int], int] = (
+    dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, num_classes=1000), 64
+)
+CUDA_CASES = ("ndrope, compiled: kernel", "ndrope, compiled: formula", "timm formula")
+CUDA_LIMIT = 1.0  # ndrope's step (kernel) time / timm's
+
+
+@contextlib.contextmanager
+def _timm_rotation() -> Iterator[None]:
+    """`ndrope.apply_rotary` / `apply_rotary_pair`, as vit's attention calls them, replaced by timm's formula."""
+    from timm.layers.pos_embed_sincos import apply_rot_embed
+
+    def rotate(x: torch.Tensor, rotation: Any, *, layout: str = "half") -> torch.Tensor:
+        cos, sin = rotation if isinstance(rotation, (tuple, list)) else ndrope.cos_sin(rotation)
+        if 2 * cos.shape[-1] != x.shape[-1]:
+            raise ValueError("timm's apply_rot_embed rotates whole heads; this model rotates part of them")
+        half = layout == "half"
+        cos, sin = ((torch.cat((t, t), -1) if half else t.repeat_interleave(2, -1)) for t in (cos, sin))
+        return apply_rot_embed(x, sin, cos, half=half)
+
+    def rotate_pair(q: torch.Tensor, k: torch.Tensor, rotation: Any, *, layout: str = "half") -> tuple[torch.Tensor, torch.Tensor]:
+        return rotate(q, rotation, layout=layout), rotate(k, rotation, layout=layout)
+
+    originals = ndrope.apply_rotary, ndrope.apply_rotary_pair
+    ndrope.apply_rotary, ndrope.apply_rotary_pair = rotate, rotate_pair
+    try:
+        yield
+    finally:
+        ndrope.apply_rotary, ndrope.apply_rotary_pair = originals
+
+
+def run_cuda(repeats: int) -> list[dict[str, Any]]:
+    """One row per `CUDA_CASES` entry: ms per compiled ViT-B/16 training step (median, min), and the
+    ratio to the step with timm's formula (paired by round)."""
+    import vit
+
+    from .rotary import paired_ratio
+
+    model_args, batch = CUDA_CONFIG
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    images = torch.randn(batch, 3, model_args["img_size"], model_args["img_size"], device="cuda", generator=generator)
+    labels = torch.randint(model_args["num_classes"], (batch,), device="cuda", generator=generator)
+    torch.compiler.reset()
+    steps = {}
+    for case in CUDA_CASES:
+        torch.manual_seed(0)
+        model = vit.create_vit(pos_embed="rope_axial", **model_args).cuda().train()
+        compiled = torch.compile(model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        context = _timm_rotation if case == "timm formula" else (lambda c=case: compiled_rotation(c.rpartition(": ")[2]))
+
+        def step(compiled=compiled, optimizer=optimizer, context=context) -> torch.Tensor:
+            with context(), torch.autocast("cuda", dtype=torch.bfloat16):
+                optimizer.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(compiled(images), labels)
+            loss.backward()
+            optimizer.step()
+            return loss.detach()
+
+        step()  # compiles (forward and backward) before timing
+        steps[case] = step
+    seconds = measure_cuda(steps, repeats, calls=1)
+    base = seconds["timm formula"]
+    rows = []
+    for case in CUDA_CASES:
+        ratio = paired_ratio(seconds[case]["rounds"], [base["rounds"]])
+        rows.append(
+            dict(
+                config="ViT-B/16 224", batch=batch, case=case, ms=seconds[case]["median"] * 1e3,
+                min_ms=seconds[case]["min"] * 1e3, x_timm=ratio,
+                limit=CUDA_LIMIT if case == CUDA_CASES[0] else None,
+                met=None if case != CUDA_CASES[0] else ratio <= CUDA_LIMIT,
+            )
+        )
     return rows

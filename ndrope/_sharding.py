@@ -1,4 +1,4 @@
-"""DTensor sharding rules for ``ndrope::rotate`` and ``ndrope::rotate_backward``.
+"""DTensor sharding rules for ``ndrope::rotate``, ``ndrope::rotate_pair`` and ``ndrope::rotate_backward``.
 
 The rotation acts on each row of x (..., N, D) alone, so x may be sharded on any dim but the last
 (batch, heads, tokens) and the output keeps x's placement; the tables (..., N, P) follow the row dims
@@ -66,6 +66,22 @@ def _rotate_rule(x: Any, cos: Any, sin: Any, interleaved: bool, inverse: bool) -
     return rules
 
 
+def _rotate_pair_rule(
+    q: Any, k: Any, cos: Any, sin: Any, interleaved: bool, inverse: bool
+) -> list[tuple[list, list]]:
+    """q and k placed alike (sharded on the same row dim, e.g. heads), each as `_rotate_rule` places x."""
+    from torch.distributed.tensor import Replicate
+
+    _check_x("q", q)
+    _check_x("k", k)
+    rank, table_shape = len(q.shape), tuple(cos.shape)
+    rules = []
+    for placement in _x_placements(rank):
+        table = Replicate() if placement.is_partial() else _table_placement(placement, rank, table_shape)
+        rules.append(([placement, placement], [placement, placement, table, table, None, None]))
+    return rules
+
+
 def _rotate_backward_rule(
     grad: Any, x: Any, cos: Any, sin: Any, interleaved: bool, inverse: bool
 ) -> list[tuple[list, list]]:
@@ -93,4 +109,5 @@ def register() -> None:
     from torch.distributed.tensor.experimental import register_sharding
 
     register_sharding(torch.ops.ndrope.rotate.default)(_rotate_rule)
+    register_sharding(torch.ops.ndrope.rotate_pair.default)(_rotate_pair_rule)
     register_sharding(torch.ops.ndrope.rotate_backward.default)(_rotate_backward_rule)

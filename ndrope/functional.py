@@ -245,22 +245,22 @@ def _as_cos_sin(rotation: Rotation) -> tuple[Tensor, Tensor]:
     )
 
 
-def _output_rows(x: Tensor, cos: Tensor) -> tuple[int, ...]:
-    """The rows (..., N) of the result; validates that cos (..., N, P) fits x (..., N, D)."""
-    check_tensor("x", x, min_rank=2)
-    check_floating("x", x)
+def _output_rows(x: Tensor, cos: Tensor, name: str = "x") -> tuple[int, ...]:
+    """The rows (..., N) of the result; validates that cos (..., N, P) fits ``x`` (..., N, D)."""
+    check_tensor(name, x, min_rank=2)
+    check_floating(name, x)
     if cos.dim() < 2:
         raise ValueError(f"the rotation must be (..., N, P), got shape {tuple(cos.shape)}")
     pairs, head_dim = cos.shape[-1], x.shape[-1]
     if 2 * pairs > head_dim:
         raise ValueError(
-            f"the rotation turns {pairs} pairs = {2 * pairs} channels but x has only D={head_dim} channels "
-            f"(x shape {tuple(x.shape)}, rotation shape {tuple(cos.shape)})"
+            f"the rotation turns {pairs} pairs = {2 * pairs} channels but {name} has only D={head_dim} channels "
+            f"({name} shape {tuple(x.shape)}, rotation shape {tuple(cos.shape)})"
         )
     if cos.shape[-2] not in (1, x.shape[-2]):
         raise ValueError(
-            f"the rotation is for {cos.shape[-2]} tokens but x has N={x.shape[-2]} tokens "
-            f"(x shape {tuple(x.shape)}, rotation shape {tuple(cos.shape)})"
+            f"the rotation is for {cos.shape[-2]} tokens but {name} has N={x.shape[-2]} tokens "
+            f"({name} shape {tuple(x.shape)}, rotation shape {tuple(cos.shape)})"
         )
     lead_x, lead_cos = x.shape[:-2], cos.shape[:-2]
     if len(lead_cos) <= len(lead_x) and all(c in (1, s) for c, s in zip(reversed(lead_cos), reversed(lead_x))):
@@ -269,9 +269,27 @@ def _output_rows(x: Tensor, cos: Tensor) -> tuple[int, ...]:
         return (*torch.broadcast_shapes(lead_x, lead_cos), x.shape[-2])
     except RuntimeError:
         raise ValueError(
-            f"the rotation's leading dims {tuple(lead_cos)} do not broadcast against x's leading dims "
-            f"{tuple(lead_x)}; per-head rotations are (H, N, P) for x (B, H, N, D)"
+            f"the rotation's leading dims {tuple(lead_cos)} do not broadcast against {name}'s leading dims "
+            f"{tuple(lead_x)}; per-head rotations are (H, N, P) for {name} (B, H, N, D)"
         ) from None
+
+
+def _op_tables(cos: Tensor, sin: Tensor, compute: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos/sin as the op takes them: in the compute dtype, unit stride on the last dim."""
+    if cos.dtype != compute or sin.dtype != compute:
+        cos, sin = cos.to(compute), sin.to(compute)
+    if cos.stride(-1) != 1 or sin.stride(-1) != 1:
+        cos, sin = cos.contiguous(), sin.contiguous()  # small tables; the kernels want unit-stride pairs
+    return cos, sin
+
+
+def _op_input(x: Tensor, rows: tuple[int, ...]) -> Tensor:
+    """x as the op takes it: unit stride on the last dim, expanded to the result's rows."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if rows != tuple(x.shape[:-1]):
+        x = x.expand(*rows, x.shape[-1])
+    return x
 
 
 def apply_rotary(x: Tensor, rotation: Rotation, *, layout: Layout = "half") -> Tensor:
@@ -284,8 +302,10 @@ def apply_rotary(x: Tensor, rotation: Rotation, *, layout: Layout = "half") -> T
         interleaved: [x_0 x_1 x_2 x_3 ..]               -> [x_0 c_0 - x_1 s_0, x_1 c_0 + x_0 s_0, ..]
     The math runs in at least float32 (the rotation's dtype, if wider); returns x's dtype, and the
     broadcast shape of x and the rotation (x's shape unless the rotation has more leading dims).
-    One registered op (``ndrope::rotate``): a one-pass C++ kernel on CPU whose backward saves only
-    cos/sin; ``torch.compile``, ``torch.export``, fake tensors and ``torch.func`` work through it.
+    One registered op (``ndrope::rotate``): a one-pass C++ kernel on CPU and a one-pass Triton kernel
+    on CUDA, whose backward saves only cos/sin; ``torch.compile``, ``torch.export``, fake tensors and
+    ``torch.func`` work through it. x may be any strided view (q of a packed qkv projection): only a
+    last dim that is not unit-stride is copied.
     """
     check_choice("layout", layout, Layout)
     cos, sin = _as_cos_sin(rotation)
@@ -294,16 +314,37 @@ def apply_rotary(x: Tensor, rotation: Rotation, *, layout: Layout = "half") -> T
     rows = _output_rows(x, cos)
     check_same_device("the rotation", cos, "x", x)
     compute = torch.float64 if torch.float64 in (x.dtype, cos.dtype) else torch.float32  # x, cos are floating
-    if cos.dtype != compute or sin.dtype != compute:
-        cos, sin = cos.to(compute), sin.to(compute)
-    if cos.stride(-1) != 1 or sin.stride(-1) != 1:
-        cos, sin = cos.contiguous(), sin.contiguous()  # small tables; the kernels want unit-stride pairs
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    if rows != tuple(x.shape[:-1]):
-        x = x.expand(*rows, x.shape[-1])
+    cos, sin = _op_tables(cos, sin, compute)
+    x = _op_input(x, rows)
     interleaved = layout == "interleaved"
+    if _ops.traces_formula():  # torch.compile fuses it (`ndrope.set_compiled_rotation`)
+        return _ops._rotate_formula(x, cos, sin, interleaved, False)
     differentiable = torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad)
     if differentiable and not torch.jit.is_tracing():  # TorchScript records the op, not a Python Function
         return _ops.Rotate.apply(x, cos, sin, interleaved, False)
     return _ops.rotate(x, cos, sin, interleaved, False)  # the same op, without autograd.Function's ~15 us
+
+
+def apply_rotary_pair(q: Tensor, k: Tensor, rotation: Rotation, *, layout: Layout = "half") -> tuple[Tensor, Tensor]:
+    """Rotate q and k (..., N, D) by the same rotation: ``(apply_rotary(q, ...), apply_rotary(k, ...))``
+    in one call (``ndrope::rotate_pair``). On CUDA, q and k of one shape, strides and dtype (as in
+    self-attention) go through one kernel launch; q and k may also differ in heads (grouped-query
+    attention) as long as the rotation broadcasts against each.
+    """
+    check_choice("layout", layout, Layout)
+    cos, sin = _as_cos_sin(rotation)
+    if (type(q) is not Tensor or type(cos) is not Tensor) and not torch.compiler.is_compiling():
+        _sharding.register()  # a DTensor: DTensor needs the ops' sharding rules
+    rows_q, rows_k = _output_rows(q, cos, "q"), _output_rows(k, cos, "k")
+    check_same_device("the rotation", cos, "q", q)
+    check_same_device("k", k, "q", q)
+    compute = torch.float64 if torch.float64 in (q.dtype, k.dtype, cos.dtype) else torch.float32
+    cos, sin = _op_tables(cos, sin, compute)
+    q, k = _op_input(q, rows_q), _op_input(k, rows_k)
+    interleaved = layout == "interleaved"
+    if _ops.traces_formula():
+        return _ops._rotate_formula(q, cos, sin, interleaved, False), _ops._rotate_formula(k, cos, sin, interleaved, False)
+    differentiable = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or cos.requires_grad or sin.requires_grad)
+    if differentiable and not torch.jit.is_tracing():
+        return _ops.RotatePair.apply(q, k, cos, sin, interleaved, False)
+    return _ops.rotate_pair(q, k, cos, sin, interleaved, False)

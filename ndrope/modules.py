@@ -448,7 +448,7 @@ class RotaryEmbedding(nn.Module):
         if k.shape[-2] != q.shape[-2]:
             raise ValueError(f"q has {q.shape[-2]} tokens but k has {k.shape[-2]}; self-attention q and k must match")
         rotation = self.rotation(positions, mode=mode, num_prefix_tokens=num_prefix_tokens, dtype=q.dtype)
-        return rope_f.apply_rotary(q, rotation, layout=self.layout), rope_f.apply_rotary(k, rotation, layout=self.layout)
+        return rope_f.apply_rotary_pair(q, k, rotation, layout=self.layout)  # one call (one launch on CUDA)
 
 
 def _is_index_grid(law: Any) -> bool:

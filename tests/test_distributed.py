@@ -135,6 +135,23 @@ def dtensor_checks() -> None:
     reference_q, _ = rope(q, q, (3, 3))
     assert_close(out.full_tensor(), reference_q, atol=1e-5, rtol=1e-5)
 
+    # q and k together (ndrope::rotate_pair, as RotaryEmbedding.forward does), sharded on heads or tokens
+    k = torch.randn(B, H, 9, D)
+    fixed = ndrope.RotaryEmbedding(D, 2, theta=100.0)
+    expected_q, expected_k = fixed(q, k, (3, 3))
+    for placement in (Shard(1), Shard(2)):
+        q_d, k_d = (distribute_tensor(t, mesh, [placement]).requires_grad_() for t in (q, k))
+        cos, sin = fixed.rotation((3, 3))
+        table = [Shard(0)] if placement == Shard(2) else [Replicate()]
+        tables = tuple(distribute_tensor(t, mesh, table) for t in (cos, sin))
+        with CommDebugMode() as comms:
+            out_q, out_k = ndrope.apply_rotary_pair(q_d, k_d, tables)
+        assert comms.get_total_counts() == 0 and out_q.placements == out_k.placements == (placement,)
+        assert_close(out_q.full_tensor(), expected_q, atol=1e-6, rtol=1e-6)
+        assert_close(out_k.full_tensor(), expected_k, atol=1e-6, rtol=1e-6)
+        (out_q * out_k).sum().backward()
+        assert q_d.grad.placements == (placement,)
+
     # x sharded on the channel pairs: a clear error naming the placement, not an all-gather
     x_bad = distribute_tensor(x, mesh, [Shard(3)])
     cos_r, sin_r = (distribute_tensor(t, mesh, [Replicate()]) for t in (shared.cos(), shared.sin()))

@@ -1,6 +1,7 @@
-"""The rotation op ``ndrope::rotate`` (`ndrope._ops`): the C++ kernel and the torch formula against an
-independent formula (values, gradients, saved tensors); torch.compile, torch.export, fake tensors,
-torch.func and opcheck; the kernel's ABI checks and its fallback."""
+"""The rotation ops ``ndrope::rotate`` and ``ndrope::rotate_pair`` (`ndrope._ops`): the C++ kernel and the
+torch formula against an independent formula (values, gradients, saved tensors); torch.compile,
+torch.export, fake tensors, torch.func and opcheck; the kernel's ABI checks and its fallback. The GPU
+kernel behind the same ops is tested in tests/test_triton.py."""
 
 from __future__ import annotations
 
@@ -324,6 +325,41 @@ class TestTransforms:
         rotate(x2, t2).square().sum().backward()
         torch.testing.assert_close((x1.grad, t1.grad), (x2.grad, t2.grad), atol=1e-5, rtol=1e-5)
 
+    @param("pair", [False, True], ids=["apply_rotary", "apply_rotary_pair"])
+    def test_compiled_rotation_choice_is_guarded(self, pair):
+        """set_compiled_rotation("formula") hands Dynamo the formula (no op left for Inductor to stop at);
+        a compiled function recompiles when the choice changes, and export keeps the op either way."""
+        torch._dynamo.reset()
+        graphs = []
+
+        def backend(graph, inputs):
+            graphs.append({str(node.target) for node in graph.graph.nodes if node.op == "call_function"})
+            return graph
+
+        def rotate(q, k, theta):
+            if pair:
+                return ndrope.apply_rotary_pair(q, k, theta, layout="interleaved")
+            return ndrope.apply_rotary(q, theta, layout="interleaved"), k
+
+        q, k, theta = make_x(torch.bfloat16, contiguous=False), make_x(torch.bfloat16, seed=2), make_angles("per_head", 5)
+        compiled = torch.compile(rotate, backend=backend, fullgraph=True)
+        eager = rotate(q, k, theta)
+        try:
+            for choice in ("kernel", "formula", "kernel"):
+                ndrope.set_compiled_rotation(choice)
+                torch.testing.assert_close(compiled(q, k, theta), eager, **TOL[torch.bfloat16])
+                exported = torch.export.export(ApplyRotary(), (q.float(), theta))
+                assert [str(n.target) for n in exported.graph.nodes].count("ndrope.rotate.default") == 1
+        finally:
+            ndrope.set_compiled_rotation("kernel")
+        op = "ndrope.rotate_pair.default" if pair else "ndrope.rotate.default"
+        assert len(graphs) == 2  # kernel, formula; the second "kernel" call reuses the first graph
+        assert any(op in str(t) for t in graphs[0]) and not any("ndrope" in str(t) for t in graphs[1])
+
+    def test_compiled_rotation_choice_is_checked(self):
+        with pytest.raises(ValueError, match=r"choice='fused' is not supported; choose one of \['kernel', 'formula'\]"):
+            ndrope.set_compiled_rotation("fused")
+
     def test_export_holds_one_rotate_node(self):
         x, theta = make_x(torch.float32), make_angles("per_head", D // 2)
         exported = torch.export.export(ApplyRotary(), (x, theta))
@@ -532,6 +568,139 @@ class TestKernelABI:
             warnings.simplefilter("error")  # warned once only
             torch.testing.assert_close(ndrope.apply_rotary(x, theta), expected(x, theta), **TOL[torch.float32])
         assert _kernel.library() is None and "no compiler" in str(_kernel.failure())
+
+
+class TestPair:
+    """``ndrope::rotate_pair``: q and k by the same rotation in one call, as two `apply_rotary` calls would."""
+
+    @staticmethod
+    def make_qk(dtype: torch.dtype, kv_heads: int = H) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(11)
+        q = make_x(dtype, contiguous=False)
+        k = torch.randn(B, kv_heads, N, D, generator=g, dtype=torch.float64).to(dtype)
+        return q, k
+
+    @param("kv_heads", [H, 1], ids=["self_attention", "grouped_query"])
+    @param("learned", [False, True], ids=["fixed", "learned"])
+    @param("dtype", DTYPES, ids=str)
+    @param("layout", LAYOUTS)
+    def test_values_and_gradients_equal_two_rotations(self, path, layout, dtype, learned, kv_heads):
+        q, k = self.make_qk(dtype, kv_heads)
+        theta = make_angles("shared", 5, table_dtype(dtype))
+        weight = torch.randn(B, H, N, D, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+        results = {}
+        for name in ("pair", "single"):
+            q_in, k_in = q.clone().requires_grad_(), k.clone().requires_grad_()
+            angles = theta.clone().requires_grad_(learned)
+            if name == "pair":
+                out_q, out_k = ndrope.apply_rotary_pair(q_in, k_in, angles, layout=layout)
+            else:
+                out_q, out_k = (ndrope.apply_rotary(t, angles, layout=layout) for t in (q_in, k_in))
+            (out_q.double() * weight).sum().add((out_k.double() * weight[:, :kv_heads]).sum()).backward()
+            results[name] = (out_q, out_k, q_in.grad, k_in.grad, angles.grad)
+        for got, want in zip(results["pair"][:4], results["single"][:4]):  # the same kernels on the same rows
+            torch.testing.assert_close(got, want, atol=0, rtol=0)
+        if learned:  # the two tables' gradients are added in another order
+            torch.testing.assert_close(results["pair"][4], results["single"][4], atol=1e-5, rtol=1e-5)
+        else:
+            assert results["pair"][4] is None
+        torch.testing.assert_close(results["pair"][0], expected(q, theta, layout), **TOL[dtype])
+        torch.testing.assert_close(results["pair"][1], expected(k, theta, layout), **TOL[dtype])
+
+    def test_the_module_rotates_q_and_k_in_one_call(self, monkeypatch):
+        rope = ndrope.RotaryEmbedding(D, n_axes=1)
+        calls = []
+        real = _ops.rotate_pair
+        monkeypatch.setattr(_ops, "rotate_pair", lambda *args: calls.append(1) or real(*args))
+        q, k = self.make_qk(torch.float32)
+        with torch.no_grad():
+            out_q, out_k = rope(q, k, (N,))
+        assert calls == [1]
+        theta = ndrope.angles(ndrope.grid((N,)), rope.freqs)
+        torch.testing.assert_close(out_q, expected(q, theta), **TOL[torch.float32])
+
+    def test_mismatched_inputs_name_q_or_k(self):
+        q, k = self.make_qk(torch.float32)
+        theta = make_angles("shared", 5)
+        with pytest.raises(ValueError, match=r"the rotation is for 7 tokens but k has N=6 tokens"):
+            ndrope.apply_rotary_pair(q, k[..., :6, :], theta)
+        with pytest.raises(ValueError, match=r"k is on meta but q is on cpu"):
+            ndrope.apply_rotary_pair(q, k.to("meta"), theta)
+
+    def test_compile_fullgraph_and_export(self):
+        torch._dynamo.reset()
+        q, k = self.make_qk(torch.float32)
+        theta = make_angles("per_head", 5)
+
+        def rotate(q, k, theta):
+            return ndrope.apply_rotary_pair(q, k, theta, layout="interleaved")
+
+        compiled = torch.compile(rotate, backend="aot_eager", fullgraph=True)
+        q1, k1, t1 = (t.clone().requires_grad_() for t in (q, k, theta))
+        q2, k2, t2 = (t.clone().requires_grad_() for t in (q, k, theta))
+        out = compiled(q1, k1, t1)
+        torch.testing.assert_close(out, rotate(q2, k2, t2), atol=1e-6, rtol=1e-6)
+        sum(o.square().sum() for o in out).backward()
+        sum(o.square().sum() for o in rotate(q2, k2, t2)).backward()
+        torch.testing.assert_close((q1.grad, k1.grad, t1.grad), (q2.grad, k2.grad, t2.grad), atol=1e-5, rtol=1e-5)
+
+        class Pair(torch.nn.Module):
+            def forward(self, q, k, theta):
+                return rotate(q, k, theta)
+
+        exported = torch.export.export(Pair(), (q, k, theta))
+        targets = [str(node.target) for node in exported.graph.nodes if node.op == "call_function"]
+        assert targets.count("ndrope.rotate_pair.default") == 1, targets
+
+    def test_func_grad_and_vmap(self):
+        q, k = self.make_qk(torch.float64)
+        theta = make_angles("shared", 5, torch.float64)
+
+        def loss(q, k, theta):
+            out_q, out_k = ndrope.apply_rotary_pair(q, k, theta)
+            return (out_q * out_k).sum()
+
+        ours = torch.func.grad(loss, argnums=(0, 1, 2))(q, k, theta)
+        reference = torch.func.grad(lambda q, k, t: (expected(q, t) * expected(k, t)).sum(), argnums=(0, 1, 2))(q, k, theta)
+        torch.testing.assert_close(ours, reference, atol=1e-10, rtol=1e-10)
+        thetas = torch.stack([theta, 2 * theta])
+        out_q, out_k = torch.func.vmap(lambda t: ndrope.apply_rotary_pair(q, k, t), in_dims=0)(thetas)
+        for i in range(2):
+            torch.testing.assert_close(out_q[i], expected(q, thetas[i]), atol=1e-12, rtol=1e-12)
+            torch.testing.assert_close(out_k[i], expected(k, thetas[i]), atol=1e-12, rtol=1e-12)
+
+    @pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")  # opcheck's own probing
+    @param("case", ["float32", "bfloat16_grouped_query", "learned", "float64"])
+    def test_opcheck(self, case):
+        g = torch.Generator().manual_seed(6)
+        q, k = torch.randn(B, H, N, D, generator=g), torch.randn(B, H, N, D, generator=g)
+        cos, sin = ndrope.cos_sin(torch.randn(N, D // 2, generator=g))
+        if case == "bfloat16_grouped_query":
+            q, k = q.bfloat16(), k[:, :1].bfloat16()
+        elif case == "learned":
+            q, k = q.requires_grad_(), k.requires_grad_()
+            cos, sin = cos.requires_grad_(), sin.requires_grad_()
+        elif case == "float64":
+            q, k, cos, sin = q.double().requires_grad_(), k.double(), cos.double(), sin.double()
+        torch.library.opcheck(torch.ops.ndrope.rotate_pair.default, (q, k, cos, sin, case == "learned", False))
+
+
+@param("op", ["rotate", "rotate_backward"])
+def test_the_ops_take_any_stride_on_the_last_dim(path, op):
+    """Called directly, the ops get x and tables that are not unit-stride on the last dim: the CPU
+    kernel (which steps through channels one by one) must not run on them."""
+    x = make_x(torch.float32).transpose(-1, -2).contiguous().transpose(-1, -2)
+    theta = make_angles("per_head", D // 2)
+    cos, sin = (t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in ndrope.cos_sin(theta))
+    assert x.stride(-1) != 1 and cos.stride(-1) != 1
+    if op == "rotate":
+        torch.testing.assert_close(torch.ops.ndrope.rotate(x, cos, sin, False, False), expected(x, theta), **TOL[torch.float32])
+    else:
+        grad = make_x(torch.float32, seed=3)
+        grad_x, grad_cos, _ = torch.ops.ndrope.rotate_backward(grad, x, cos, sin, False, False)
+        reference = _ops._rotate_backward_any(grad, x.contiguous(), cos.contiguous(), sin.contiguous(), False, False)
+        torch.testing.assert_close((grad_x, grad_cos), reference[:2], atol=1e-5, rtol=1e-5)
+    assert path.calls == []
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace", "ignore::torch.jit.TracerWarning")

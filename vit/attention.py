@@ -85,8 +85,7 @@ class RopeAttention(nn.Module):
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # B, H, N, D each
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            q = ndrope.apply_rotary(q, rope, layout=ROPE_LAYOUT)
-            k = ndrope.apply_rotary(k, rope, layout=ROPE_LAYOUT)
+            q, k = ndrope.apply_rotary_pair(q, k, rope, layout=ROPE_LAYOUT)  # one launch on CUDA
         return q, k, v
 
     def forward(
