@@ -156,7 +156,7 @@ def run_cuda(repeats: int) -> list[dict[str, Any]]:
     steps = {}
     for case in CUDA_CASES:
         torch.manual_seed(0)
-        model = vit.create_vit(pos_embed="rope_axial", **model_args).cuda().train()
+        model = vit.NDRopeVisionTransformer("rope_axial", **model_args).cuda().train()
         compiled = torch.compile(model)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         context = _timm_rotation if case == "timm formula" else (lambda c=case: compiled_rotation(c.rpartition(": ")[2]))

@@ -136,7 +136,7 @@ def test_timm_formula_swap_rotates_as_ndrope_does():
     from bench import vit_step
 
     torch.manual_seed(0)
-    model = vit.create_vit("rope_axial", img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, num_classes=3)
+    model = vit.NDRopeVisionTransformer("rope_axial", img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, num_classes=3)
     images = torch.randn(2, 3, 16, 16)
     reference = model(images)
     with vit_step._timm_rotation():

@@ -532,7 +532,7 @@ class TestTritonOnGPU:
 
         torch.compiler.reset()
         torch.manual_seed(0)
-        model = vit.create_vit(pos_embed, img_size=224, patch_size=16, embed_dim=384, depth=2, num_heads=6, num_classes=10)
+        model = vit.NDRopeVisionTransformer(pos_embed, img_size=224, patch_size=16, embed_dim=384, depth=2, num_heads=6, num_classes=10)
         model = model.cuda().train()
         compiled = torch.compile(model, fullgraph=True, dynamic=True)
         for size in (224, 256, 288):
