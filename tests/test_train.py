@@ -479,3 +479,51 @@ def test_ddp_two_cpu_processes(data: Path, tmp_path: Path) -> None:
     assert "distributed_backend=gloo" in result.stderr + result.stdout
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 6  # 58 training images / 2 processes / batch 8 = 3 steps per epoch
+
+
+# ----------------------------------------------------------------------------- FSDP2
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    return [float(r["train/loss"]) for r in read_metrics(run_dir) if r.get("train/loss")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pos_embed", ["rope_axial", "rope_mixed"])
+def test_fsdp2_on_two_processes_gives_the_losses_of_one(data: Path, tmp_path: Path, pos_embed: str) -> None:
+    """configs/fsdp2.yaml (ModelParallelStrategy: fully_shard per block, gloo on CPU) with half the batch on
+    each of 2 processes trains as 1 process with the whole batch: the same losses step by step, within 5e-4
+    (float32 reductions over batches of 8 instead of 16 differ by ~1e-6 at the first step, and AdamW's
+    normalised steps carry that into the weights), and a full last.ckpt that `test` reads. The tolerance
+    can fail: 1 process that sees only half of each batch (what a rank without gradient averaging learns)
+    is off by over 10 times it."""
+    common = ["--trainer.accelerator=cpu", "--trainer.max_epochs=2", "--trainer.max_steps=5",
+              "--trainer.limit_val_batches=1", f"--model.net.init_args.pos_embed={pos_embed}",
+              "--model.net.init_args.depth=2", "--model.net.init_args.drop_path_rate=0"]  # no per-rank randomness
+    runs = {
+        "one": ["--data.batch_size=16"],
+        "fsdp2": ["--config", str(CONFIGS / "fsdp2.yaml"), "--data.batch_size=8"],
+        "half": ["--data.batch_size=8"],
+    }
+    losses = {}
+    for name, extra in runs.items():
+        args = fashion_args(data, tmp_path / name, *common, *extra)
+        result = subprocess.run([sys.executable, str(REPO / "train.py"), "fit", *args], cwd=REPO,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        losses[name] = train_losses(tmp_path / name)
+    assert len(losses["one"]) == len(losses["fsdp2"]) == 5 and len(set(losses["one"])) > 1
+    gap = max(abs(a - b) for a, b in zip(losses["one"], losses["fsdp2"]))
+    assert gap < 5e-4, losses
+    assert max(abs(a - b) for a, b in zip(losses["one"], losses["half"])) > 5e-3, losses
+    one_ckpt = torch.load(tmp_path / "one" / "checkpoints" / "last.ckpt", weights_only=False)
+    sharded_ckpt = torch.load(tmp_path / "fsdp2" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert sharded_ckpt["state_dict"].keys() == one_ckpt["state_dict"].keys()
+    for key, value in one_ckpt["state_dict"].items():
+        if value.is_floating_point():
+            torch.testing.assert_close(sharded_ckpt["state_dict"][key], value, atol=1e-3, rtol=1e-3, msg=key)
+    test = ["--config", str(tmp_path / "fsdp2" / "config.yaml"), "--ckpt_path=last", *QUIET]  # on 2 processes again
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), "test", *test], cwd=REPO,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "fsdp2" / "test" / "eval.json").exists()

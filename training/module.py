@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import rank_zero_only
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import param_groups_weight_decay
@@ -72,7 +71,8 @@ class ImageClassifier(LightningModule):
         min_lr_ratio: final learning rate as a fraction of ``lr``.
         label_smoothing: for the cross-entropy (and inside mixup targets).
         mixup_alpha, cutmix_alpha: timm Mixup/CutMix strengths; both 0 disables them.
-        compile: ``torch.compile`` the network (checkpoint keys are unchanged).
+        compile: ``torch.compile`` the network (checkpoint keys are unchanged), in `configure_model`
+            after any sharding.
         eval_resolutions: test resolutions, each a multiple of the patch size; default the training one.
         eval_protocols: how test images reach each resolution, `training.transforms.EvalProtocol`
             (default ``["zoom"]``); results are keyed by (protocol, resolution).
@@ -124,8 +124,7 @@ class ImageClassifier(LightningModule):
         self.net = net
         if resolution_mode is not None:
             self.net.set_resolution_mode(resolution_mode)
-        if compile:
-            self.net.compile()
+        self.compile_net = compile
         self.mixup = None
         if mixup_alpha > 0 or cutmix_alpha > 0:
             self.mixup = Mixup(
@@ -142,6 +141,29 @@ class ImageClassifier(LightningModule):
         self.test_metrics = nn.ModuleList(accuracy_metrics(num_classes) for _ in self.eval_keys)
         self.eval_results: dict[tuple[str, int], dict[str, float]] = {}
         self.test_samples = [0] * len(self.eval_keys)
+
+    def configure_model(self) -> None:
+        """Called by the Trainer once its strategy is set up. With a device mesh (Lightning's
+        `ModelParallelStrategy`) the network is sharded with FSDP2 over the mesh's data-parallel dim: each
+        transformer block, then the rest (embeddings, head, RoPE frequencies); with ``compile`` it is then
+        compiled. Idempotent: fit then test in one process configure once."""
+        if getattr(self, "_configured", False):
+            return
+        mesh = self.device_mesh
+        if mesh is not None:
+            if mesh["tensor_parallel"].size() > 1:
+                raise ValueError(
+                    f"ModelParallelStrategy(tensor_parallel_size={mesh['tensor_parallel'].size()}): tensor parallelism "
+                    "is not implemented for these ViTs; use tensor_parallel_size=1 (FSDP2 over every device)"
+                )
+            from torch.distributed.fsdp import fully_shard
+
+            for block in self.net.blocks:
+                fully_shard(block, mesh=mesh["data_parallel"])
+            fully_shard(self.net, mesh=mesh["data_parallel"])
+        if self.compile_net:
+            self.net.compile()
+        self._configured = True
 
     def forward(self, x: Tensor) -> Tensor:
         """Images (B, C, r, r) -> logits (B, num_classes)."""
@@ -165,7 +187,7 @@ class ImageClassifier(LightningModule):
         if self.mixup is not None:
             x, target = self.mixup(x, y)
         loss = self.criterion(self(x), target)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the mean over data-parallel ranks
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 
@@ -203,8 +225,10 @@ class ImageClassifier(LightningModule):
             for key, metrics in zip(self.eval_keys, self.test_metrics)
         }
 
-    @rank_zero_only
     def on_test_end(self) -> None:
+        log_dir = self.trainer.log_dir  # a broadcast under DDP / FSDP: every rank must ask
+        if not self.trainer.is_global_zero:
+            return
         meta = {
             "checkpoint": self.trainer.ckpt_path,
             "train_resolution": self.train_resolution,
@@ -214,7 +238,7 @@ class ImageClassifier(LightningModule):
             "num_params": sum(p.numel() for p in self.net.parameters()),
         }
         print(format_eval_table(self.eval_results, self.patch_size, self.train_resolution))
-        paths = write_eval_report(self.trainer.log_dir, self.eval_results, meta)
+        paths = write_eval_report(log_dir, self.eval_results, meta)
         print(f"wrote {', '.join(os.fspath(p) for p in paths)}")
 
     def configure_optimizers(self) -> dict[str, Any]:
