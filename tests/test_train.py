@@ -413,6 +413,11 @@ FIT_CONFIG_STACKS = {
     "cifar10.yaml": ["cifar10.yaml"],
     "cifar100.yaml": ["cifar10.yaml", "cifar100.yaml"],
     "imagenet100.yaml": ["imagenet100.yaml"],
+    "fsdp2.yaml": ["fashion_mnist.yaml", "fsdp2.yaml"],
+}
+#: In-process smoke runs stay in one process (FSDP2 on a mesh of 1; the 2-process run is a slow test).
+SMOKE_OVERRIDES = {
+    "fsdp2.yaml": ["--trainer.devices=1", "--trainer.strategy.init_args.data_parallel_size=1", "--trainer.accelerator=cpu"],
 }
 
 
@@ -429,7 +434,7 @@ def test_every_config_is_covered() -> None:
 @pytest.mark.parametrize("config", sorted(FIT_CONFIG_STACKS))
 def test_fast_dev_run_every_config(data: Path, tmp_path: Path, config: str) -> None:
     base = CONFIGS / FIT_CONFIG_STACKS[config][0]
-    cli = cli_main(["fit", *config_args(config), *smoke_args(base, data),
+    cli = cli_main(["fit", *config_args(config), *smoke_args(base, data), *SMOKE_OVERRIDES.get(config, []),
                     "--trainer.fast_dev_run=true", f"--trainer.default_root_dir={tmp_path}"])
     assert cli.trainer.global_step == 1
     assert cli.model.net.num_classes == cli.datamodule.num_classes  # linked from the data, not written twice
