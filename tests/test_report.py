@@ -151,6 +151,12 @@ class TestVerdictParagraph:
             "36px, canvas 20 and 36px."
         )
 
+    def test_a_mean_that_rounds_to_zero_has_no_minus_sign(self) -> None:
+        runs = [run(v, s, {("zoom", 20): a}) for s, (x, y) in enumerate([(0.5, 0.5112), (0.6, 0.5887), (0.7, 0.7)])
+                for v, a in (("learned", x), ("rope_axial", y))]
+        text = verdict_markdown(paired_differences(runs, comparisons(runs, "learned")), 28)
+        assert "zoom 20px [1/3, +0.0 ± 1.1]" in text
+
     def test_one_seed_establishes_nothing(self, tmp_path: Path) -> None:
         markdown = write_study_report(tmp_path, study_runs(seeds=1), {**SETTINGS, "seeds": [0]})["results.md"]
         verdict_section = markdown.read_text().split("## Verdict")[1].split("## Setup")[0]

@@ -109,7 +109,7 @@ def test_study_end_to_end(data: Path, tmp_path: Path, monkeypatch: pytest.Monkey
             assert mean == pytest.approx(100 * summary[key]["mean"], abs=0.005)
             assert std == 0.0 and summary[key]["n"] == 1
         assert " ± " not in markdown.split(f"### top-1 accuracy (%), {protocol}")[1].split("#")[0]  # one seed: no std
-    assert "## Which resolution mode wins" in markdown and "Wall time of the study command that ran" in markdown
+    assert "## Which resolution mode has the higher mean" in markdown and "Wall time of the study command that ran" in markdown
 
     again = InProcessRunner()
     monkeypatch.setattr(training.study, "_run", again)

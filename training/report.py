@@ -398,8 +398,13 @@ def _train_resolutions(train_resolution: int | Sequence[int]) -> set[int]:
 # ----------------------------------------------------------------------------- study markdown
 
 
-def _pct(mean: float, std: float, signed: bool = False) -> str:
-    return f"{100 * mean:{'+' if signed else ''}.2f} ± {100 * std:.2f}"
+def _points(fraction: float, digits: int = 2, signed: bool = False) -> str:
+    """A fraction in points (%), without the minus sign of a value that rounds to zero."""
+    return f"{round(100 * fraction, digits) + 0.0:{'+' if signed else ''}.{digits}f}"
+
+
+def _pct(mean: float, std: float, signed: bool = False, digits: int = 2) -> str:
+    return f"{_points(mean, digits, signed)} ± {_points(std, digits)}"
 
 
 def _and(items: Sequence[Any]) -> str:
@@ -442,16 +447,15 @@ def _verdict_line(diffs: list[dict[str, Any]], train: set[int]) -> str:
         chosen = [p for p in points if p[2]["verdict"] == outcome]
         if not chosen:
             continue
-        low, high = (f"{100 * f(p[2]['mean'] for p in chosen):+.1f}" for f in (min, max))
-        size = (f"{low} ± {100 * chosen[0][2]['std']:.1f} points" if len(chosen) == 1
+        low, high = (_points(f(p[2]["mean"] for p in chosen), 1, signed=True) for f in (min, max))
+        size = (f"{_pct(chosen[0][2]['mean'], chosen[0][2]['std'], True, 1)} points" if len(chosen) == 1
                 else f"{low} points each" if low == high else f"{low} to {high} points")
         clauses.append(f"**{outcome}** at {len(chosen)} of {len(points)} places, in every seed ({size}): "
                        + _places(chosen))
     unsettled = [p for p in points if p[2]["verdict"] == "not established"]
     if unsettled:
         details = ", ".join(
-            f"{_place(protocol, [resolution])} [{d['wins']}/{len(d['seeds'])}, "
-            f"{100 * d['mean']:+.1f} ± {100 * d['std']:.1f}]"
+            f"{_place(protocol, [resolution])} [{d['wins']}/{len(d['seeds'])}, {_pct(d['mean'], d['std'], True, 1)}]"
             for protocol, resolution, d in unsettled
         )
         clauses.append(f"not established at {len(unsettled)} of {len(points)} places [seeds better, mean ± std]: "
@@ -578,7 +582,7 @@ def study_markdown(summary: list[dict[str, Any]], runs: list[dict[str, Any]], se
             + " % top-1, mean over the resolutions other than the training one)"
             for w in winners
         ]
-        parts.append("## Which resolution mode wins\n\n" + "\n".join(lines) + "\n")
+        parts.append("## Which resolution mode has the higher mean\n\n" + "\n".join(lines) + "\n")
     fits = {(r["variant"], r["seed"]): r for r in runs}
     timing_rows = [[v, seed, f"{r['num_params']:,}", f"{r['fit_seconds'] / 60:.1f}"] for (v, seed), r in fits.items()]
     parts.append("## Runs\n\n" + markdown_table(["pos_embed", "seed", "parameters", "fit (min)"], timing_rows))
@@ -725,8 +729,10 @@ def _published_timing(folder: Path, runs: list[dict[str, Any]], settings: dict[s
         previous = json.loads((folder / "results.json").read_text())
     except (OSError, ValueError):
         return own
-    earlier = previous.get("settings", {}) if isinstance(previous, dict) else {}
-    if previous.get("runs") != json.loads(json.dumps(runs)) or earlier.get("wall_seconds") is None:
+    if not isinstance(previous, dict) or previous.get("runs") != json.loads(json.dumps(runs)):
+        return own
+    earlier = previous.get("settings") or {}
+    if earlier.get("wall_seconds") is None:
         return own
     return {key: earlier.get(key) for key in own}
 
