@@ -42,11 +42,20 @@ class RotaryEmbedding(nn.Module):
     ``load_state_dict``; edit fixed frequencies through those, not in place); other grids are
     computed on demand.
 
-        rope = ndrope.RotaryEmbedding(64, n_axes=2, theta=100.0, reference_shape=(14, 14))
-        q, k = rope(q, k, (14, 14))                        # a grid shape: row-major grid positions
-        q, k = rope(q, k, (20, 20), mode="interpolate")    # another grid, rescaled onto 14 x 14
-        q, k = rope(q, k, positions)                       # or any (N, A) / (B, N, A) positions
-        cos, sin = rope.rotation((14, 14), num_prefix_tokens=1)   # once per forward, for every layer
+    >>> import torch, ndrope
+    >>> rope = ndrope.RotaryEmbedding(64, n_axes=2, theta=100.0, reference_shape=(14, 14))
+    >>> q = k = torch.randn(2, 6, 1 + 14 * 14, 64)       # (B, H, N, D), a class token first
+    >>> q_rot, k_rot = rope(q, k, (14, 14))              # a grid shape: row-major grid positions
+    >>> q_rot.shape, torch.equal(q_rot[:, :, 0], q[:, :, 0])   # the class token is not rotated
+    (torch.Size([2, 6, 197, 64]), True)
+    >>> q = k = torch.randn(2, 6, 1 + 20 * 20, 64)
+    >>> q_rot, k_rot = rope(q, k, (20, 20), mode="interpolate")   # another grid, rescaled onto 14 x 14
+    >>> cos, sin = rope.rotation((14, 14), num_prefix_tokens=1)   # once per forward, for every layer
+    >>> cos.shape                                        # (1 + N, P)
+    torch.Size([197, 32])
+    >>> positions = torch.tensor([[0.0, 0.0], [0.5, 2.0], [3.0, 1.0]])   # or any (N, A) positions
+    >>> rope(torch.randn(1, 6, 3, 64), torch.randn(1, 6, 3, 64), positions)[0].shape
+    torch.Size([1, 6, 3, 64])
 
     Args:
         dim: rotated channels per head (D, or less for partial rotation: the first ``dim`` rotate).

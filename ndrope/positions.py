@@ -33,6 +33,11 @@ def grid(
     grid) coordinates are rescaled to span the reference grid, ``i * reference / size`` (interpolation,
     as EVA-02 does): a 2x finer grid gets half-step positions over the same range.
     ``offset`` (one number, or one per axis) is added to every coordinate.
+
+    >>> grid((2, 3)).tolist()                        # (h, w) = (row, column), row-major
+    [[0.0, 0.0], [0.0, 1.0], [0.0, 2.0], [1.0, 0.0], [1.0, 1.0], [1.0, 2.0]]
+    >>> grid((4,), reference_shape=(2,)).flatten().tolist()   # a 2x finer grid over the same range
+    [0.0, 0.5, 1.0, 1.5]
     """
     shape = check_shape("shape", shape)
     check_position_dtype("dtype", dtype)
@@ -88,9 +93,8 @@ def multimodal_positions(
       * a grid's token at index ``(i_0, ..., i_{A-1})`` takes ``(s + i_0, ..., s + i_{A-1})``,
         then ``s += max(shape)``: the text after it continues after the grid's largest coordinate.
 
-    Example, 3 axes: ``multimodal_positions([2, (2, 3), 1], n_axes=3)`` gives
-    text ``(0,0,0) (1,1,1)``, the image ``(2,2,2) (2,2,3) (2,2,4) (2,3,2) (2,3,3) (2,3,4)``,
-    then text ``(5,5,5)``.
+    >>> multimodal_positions([2, (2, 3), 1], n_axes=3).long().tolist()  # text, a 2 x 3 image, text
+    [[0, 0, 0], [1, 1, 1], [2, 2, 2], [2, 2, 3], [2, 2, 4], [2, 3, 2], [2, 3, 3], [2, 3, 4], [5, 5, 5]]
     """
     if isinstance(segments, (str, bytes)) or not isinstance(segments, Sequence) or len(segments) == 0:
         raise TypeError(f"segments={segments!r} must be a non-empty list of text lengths (int) and grid shapes (tuple)")

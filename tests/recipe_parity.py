@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-#: float64 rotations with equal frequencies must agree to this (the issue's bar).
+#: float64 rotations with equal frequencies must agree to this.
 F64_TOL = 1e-12
 #: A float32-computed peer frequency vs our float64 formula: a few float32 ulps, relative.
 F32_FREQ_RTOL = 2e-6

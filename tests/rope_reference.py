@@ -5,6 +5,8 @@ Nothing here calls ndrope's rotation code, so agreement is evidence, not tautolo
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -78,3 +80,14 @@ def rotate_formula(x: Tensor, cos: Tensor, sin: Tensor, layout: str) -> Tensor:
     out[..., first] = x1 * c - x2 * s
     out[..., second] = x2 * c + x1 * s
     return out.to(x.dtype)
+
+
+def wrapped(angle: torch.Tensor) -> torch.Tensor:
+    """An angle difference reduced to [-pi, pi)."""
+    return torch.remainder(angle + math.pi, 2 * math.pi) - math.pi
+
+
+def true_ladder(dim: int, theta: float) -> torch.Tensor:
+    """The 1D ladder theta ** (-k / m), m = dim // 2 pairs, in float64."""
+    m = dim // 2
+    return theta ** (-torch.arange(m, dtype=torch.float64) / m)

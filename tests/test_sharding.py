@@ -1,4 +1,4 @@
-"""ndrope across processes: DTensor sharding rules (2 CPU processes, gloo) and context-parallel positions.
+"""DTensor sharding rules of the ndrope ops, on 2 CPU processes (gloo).
 
 The DTensor checks run in one spawned pair of processes (about 10 s): every case compares the sharded
 result, gathered, with the unsharded rotation, checks the output keeps x's placement, and counts the
@@ -168,41 +168,3 @@ def dtensor_checks() -> None:
 
 def test_dtensor_rotation_keeps_the_placement_without_communication():
     run_on_two_processes("dtensor_checks")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Context parallelism: each rank holds a slice of the sequence, positions stay global
-
-
-def load_balanced_split(n_tokens: int, ranks: int) -> list[torch.Tensor]:
-    """Token indices per rank for causal load balancing: 2 * ranks chunks, rank r takes chunks r and
-    2 * ranks - 1 - r (the reordering torch's context_parallel and Megatron use)."""
-    chunks = torch.arange(n_tokens).chunk(2 * ranks)
-    return [torch.cat((chunks[r], chunks[2 * ranks - 1 - r])) for r in range(ranks)]
-
-
-@pytest.mark.parametrize("split", ["contiguous", "load_balanced"])
-@pytest.mark.parametrize("grid_shape", [(64,), (4, 8), (2, 4, 4)])
-def test_context_parallel_shards_with_global_positions_equal_the_whole_sequence(split, grid_shape):
-    """A sequence split over ranks (in order, or reordered for causal load balance) rotates exactly as
-    the unsplit one when each rank passes the global positions of its own tokens."""
-    torch.manual_seed(0)
-    rope = ndrope.RotaryEmbedding(16, n_axes=len(grid_shape), theta=100.0)
-    positions = ndrope.grid(grid_shape)  # (N, A): global positions of the whole sequence
-    n = positions.shape[0]
-    q, k = torch.randn(2, 3, n, 16), torch.randn(2, 3, n, 16)
-    whole_q, whole_k = rope(q, k, positions)
-    shards = list(torch.arange(n).chunk(WORLD)) if split == "contiguous" else load_balanced_split(n, WORLD)
-    assert torch.equal(torch.cat(shards).sort().values, torch.arange(n))
-    for index in shards:  # what each rank computes from its local tokens
-        local_q, local_k = rope(q[:, :, index], k[:, :, index], positions[index])
-        assert torch.equal(local_q, whole_q[:, :, index]) and torch.equal(local_k, whole_k[:, :, index])
-
-
-def test_context_parallel_without_positions_would_be_wrong():
-    """The check above can fail: a rank that positions its slice from 0 gets a different rotation."""
-    rope = ndrope.RotaryEmbedding(16, n_axes=1)
-    q = torch.randn(1, 1, 32, 16)
-    whole, _ = rope(q, q, (32,))
-    second_half, _ = rope(q[:, :, 16:], q[:, :, 16:], (16,))  # local positions 0..15
-    assert (second_half - whole[:, :, 16:]).abs().max() > 0.1

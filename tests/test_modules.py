@@ -1,11 +1,13 @@
-"""`ndrope.RotaryEmbedding`: constructors, prefix tokens, the reference-grid table, resolution modes,
-learnable mixed frequencies."""
+"""`ndrope.RotaryEmbedding` (ndrope/modules.py): constructors, prefix tokens, the reference-grid table,
+resolution modes, learnable mixed frequencies, meta-device init, checkpoint settings, casts, inference
+mode, float64 activations, and global positions under context parallelism."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from rope_reference import rotate_with_matrices
+from rope_reference import rotate_with_matrices, true_ladder, wrapped
+from torch.testing import assert_close
 
 import ndrope
 
@@ -425,3 +427,151 @@ class TestCasts:
         cos, sin = rope.rotation((64, 64))
         exact = (ndrope.grid((64, 64), dtype=torch.float64)[None] @ rope.freqs.detach().double())  # H, N, P
         assert cos.dtype == torch.float32 and angle_error(cos, sin, exact) < 1e-6
+
+
+class TestTrainingAfterInference:
+    """No stored tensor may depend on the grad / inference mode it was first built in."""
+
+    @staticmethod
+    def model():
+        import vit
+
+        torch.manual_seed(0)
+        return vit.NDRopeVisionTransformer("rope_axial", img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2, num_classes=3)
+
+    def test_inference_then_training(self):
+        m = self.model()
+        x = torch.randn(2, 3, 32, 32)
+        with torch.inference_mode():
+            m.eval()(x)
+        m.train()(x).sum().backward()
+        assert all(p.grad is not None for p in m.parameters())
+
+    def test_moved_under_inference_mode_then_training(self):
+        """.to() rebuilds the reference table: under inference_mode that is an inference tensor."""
+        m = self.model()
+        with torch.inference_mode():
+            m.to(torch.float32)
+        x = torch.randn(2, 3, 32, 32)
+        m.train()(x).sum().backward()
+        assert m.patch_embed.proj.weight.grad is not None
+        m.eval()
+        with torch.no_grad():
+            no_grad = m(x)
+        with torch.inference_mode():
+            assert_close(m(x), no_grad, atol=1e-6, rtol=1e-6)
+
+    @pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
+    def test_lightning_validate_then_fit(self, tmp_path):
+        lightning = pytest.importorskip("lightning")
+        from torch.utils.data import DataLoader, TensorDataset
+
+        net = self.model()
+
+        class Module(lightning.LightningModule):
+            def __init__(self) -> None:
+                super().__init__()
+                self.net = net
+
+            def training_step(self, batch, batch_idx):
+                x, y = batch
+                return torch.nn.functional.cross_entropy(self.net(x), y)
+
+            def validation_step(self, batch, batch_idx):
+                x, y = batch
+                return torch.nn.functional.cross_entropy(self.net(x), y)
+
+            def configure_optimizers(self):
+                return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        g = torch.Generator().manual_seed(0)
+        data = TensorDataset(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 3, (4,), generator=g))
+        loader = DataLoader(data, batch_size=2)
+        trainer = lightning.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_steps=2,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            default_root_dir=tmp_path,
+        )
+        module = Module()
+        before = net.head.weight.detach().clone()
+        trainer.validate(module, loader, verbose=False)  # under torch.inference_mode
+        trainer.fit(module, loader)
+        assert trainer.global_step == 2
+        assert (net.head.weight.detach() - before).abs().max() > 0
+
+
+class TestFloat64Module:
+    """Float64 activations rotate at float64 precision."""
+
+    def test_double_module_gives_float64_rotation(self):
+        rope = ndrope.RotaryEmbedding(16, 2, theta=100.0, reference_shape=(4, 4)).double()
+        for grid in ((4, 4), (5, 3)):
+            cos, sin = rope.rotation(grid, dtype=torch.float64)  # the dtype of the activations
+            assert cos.dtype == sin.dtype == torch.float64, grid
+            exact = ndrope.grid(grid, dtype=torch.float64) @ ndrope.axial_frequencies(16, 2, theta=100.0)
+            assert_close(cos, exact.cos(), atol=1e-15, rtol=0)
+        q = torch.randn(1, 2, 15, 16, dtype=torch.float64)
+        positions = ndrope.grid((5, 3), dtype=torch.float64)
+        theta = positions @ ndrope.axial_frequencies(16, 2, theta=100.0)
+        out, _ = rope(q, q, (5, 3))
+        assert_close(out, rotate_with_matrices(q, theta, "half"), atol=1e-12, rtol=1e-12)
+
+
+class TestCastsKeepExactFrequencies:
+    @pytest.mark.parametrize("cast", ["bfloat16", "half"])
+    def test_cast_module_keeps_exact_frequencies(self, cast):
+        rope = ndrope.RotaryEmbedding(64, 1)
+        rope = rope.to(torch.bfloat16) if cast == "bfloat16" else rope.half()
+        assert rope.frequencies().dtype == torch.float64
+        positions = torch.arange(0, 4096, 7, dtype=torch.float32)[:, None]
+        cos, sin = rope.rotation(positions)
+        exact = positions.double() * true_ladder(64, 10000.0)
+        assert wrapped(torch.atan2(sin.double(), cos.double()) - exact).abs().max() < 1e-6
+        mixed = ndrope.RotaryEmbedding.mixed(16, 2, 2)
+        mixed.freqs.sum().backward()  # learned frequencies with a gradient: both follow the cast together
+        mixed = mixed.to(torch.bfloat16) if cast == "bfloat16" else mixed.half()
+        assert isinstance(mixed.freqs, torch.nn.Parameter) and mixed.freqs.grad.dtype == mixed.freqs.dtype
+
+
+# context parallelism: each rank holds a slice of the sequence, positions stay global
+RANKS = 2
+
+
+def load_balanced_split(n_tokens: int, ranks: int) -> list[torch.Tensor]:
+    """Token indices per rank for causal load balancing: 2 * ranks chunks, rank r takes chunks r and
+    2 * ranks - 1 - r (the reordering torch's context_parallel and Megatron use)."""
+    chunks = torch.arange(n_tokens).chunk(2 * ranks)
+    return [torch.cat((chunks[r], chunks[2 * ranks - 1 - r])) for r in range(ranks)]
+
+
+@pytest.mark.parametrize("split", ["contiguous", "load_balanced"])
+@pytest.mark.parametrize("grid_shape", [(64,), (4, 8), (2, 4, 4)])
+def test_context_parallel_shards_with_global_positions_equal_the_whole_sequence(split, grid_shape):
+    """A sequence split over ranks (in order, or reordered for causal load balance) rotates exactly as
+    the unsplit one when each rank passes the global positions of its own tokens."""
+    torch.manual_seed(0)
+    rope = ndrope.RotaryEmbedding(16, n_axes=len(grid_shape), theta=100.0)
+    positions = ndrope.grid(grid_shape)  # (N, A): global positions of the whole sequence
+    n = positions.shape[0]
+    q, k = torch.randn(2, 3, n, 16), torch.randn(2, 3, n, 16)
+    whole_q, whole_k = rope(q, k, positions)
+    shards = list(torch.arange(n).chunk(RANKS)) if split == "contiguous" else load_balanced_split(n, RANKS)
+    assert torch.equal(torch.cat(shards).sort().values, torch.arange(n))
+    for index in shards:  # what each rank computes from its local tokens
+        local_q, local_k = rope(q[:, :, index], k[:, :, index], positions[index])
+        assert torch.equal(local_q, whole_q[:, :, index]) and torch.equal(local_k, whole_k[:, :, index])
+
+
+def test_context_parallel_without_positions_would_be_wrong():
+    """The check above can fail: a rank that positions its slice from 0 gets a different rotation."""
+    rope = ndrope.RotaryEmbedding(16, n_axes=1)
+    q = torch.randn(1, 1, 32, 16)
+    whole, _ = rope(q, q, (32,))
+    second_half, _ = rope(q[:, :, 16:], q[:, :, 16:], (16,))  # local positions 0..15
+    assert (second_half - whole[:, :, 16:]).abs().max() > 0.1

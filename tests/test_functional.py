@@ -1,10 +1,23 @@
-"""The mathematical properties that make RoPE what it is, in 1D-4D, both layouts, axial and mixed."""
+"""ndrope/functional.py: the mathematical properties that make RoPE what it is, in 1D-4D, both layouts,
+axial and mixed; angle precision at large positions; the RoPE-Mixed initialisation law."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
-from rope_reference import even_split, llama_rope, meta_complex_rope, pair_index, rotate_with_matrices
+from rope_reference import (
+    even_split,
+    llama_rope,
+    meta_complex_rope,
+    pair_index,
+    rotate_formula,
+    rotate_with_matrices,
+    true_ladder,
+    wrapped,
+)
+from torch.testing import assert_close
 
 import ndrope
 
@@ -291,3 +304,74 @@ class TestPrecisionAndGradients:
         x = torch.randn(2, 3, 5, 8)
         theta = ndrope.angles(ndrope.grid((5,)), ndrope.axial_frequencies(8, 1))
         torch.testing.assert_close(ndrope.apply_rotary(x, ndrope.cos_sin(theta)), ndrope.apply_rotary(x, theta), atol=0, rtol=0)
+
+
+class TestAnglePrecision:
+    """Angle error <= 1e-6 rad against the float64 ladder theta ** (-k/m) at positions up to 1e6."""
+
+    POSITIONS = [0.0, 1.0, 4095.0, 12345.0, 99999.0, 100000.0, 654321.0, 999999.0, 1000000.0]
+
+    @pytest.mark.parametrize("n_axes", [1, 2])
+    @pytest.mark.parametrize("theta", [100.0, 10000.0, 500000.0])
+    def test_angles(self, theta, n_axes):
+        dim = 64
+        freqs = ndrope.axial_frequencies(dim, n_axes, theta=theta)
+        ladder = true_ladder(dim // n_axes, theta)  # every axis has the same number of pairs here
+        p = torch.tensor(self.POSITIONS, dtype=torch.float64)
+        positions = torch.stack([p.roll(a) for a in range(n_axes)], dim=-1)  # (N, A)
+        got = ndrope.angles(positions.float(), freqs)
+        assert got.dtype == torch.float32
+        exact = torch.cat([positions[:, a, None] * ladder for a in range(n_axes)], dim=-1)
+        assert wrapped(got.double() - exact).abs().max() <= 1e-6
+
+    @pytest.mark.parametrize("learned_dtype", [None, torch.float32], ids=["axial", "from_frequencies"])
+    def test_rotation(self, learned_dtype):
+        dim, theta = 64, 10000.0
+        if learned_dtype is None:
+            rope = ndrope.RotaryEmbedding(dim, 1, theta=theta)
+        else:  # a float64 F handed to the module stays float64
+            rope = ndrope.RotaryEmbedding.from_frequencies(ndrope.axial_frequencies(dim, 1, theta=theta))
+        positions = torch.tensor(self.POSITIONS)[:, None]
+        cos, sin = rope.rotation(positions)
+        exact = positions.double() * true_ladder(dim, theta)
+        assert wrapped(torch.atan2(sin.double(), cos.double()) - exact).abs().max() <= 1e-6
+
+    def test_reference_table(self):
+        rope = ndrope.RotaryEmbedding(64, 1, theta=10000.0, reference_shape=(50000,))
+        cos, sin = rope.rotation((50000,))
+        assert cos is rope.reference_cos
+        exact = torch.arange(50000, dtype=torch.float64)[:, None] * true_ladder(64, 10000.0)
+        assert wrapped(torch.atan2(sin.double(), cos.double()) - exact).abs().max() <= 1e-6
+
+
+class TestMixedFrequencies:
+    def test_2d_second_direction_is_phi_plus_or_minus_half_pi(self):
+        """Per head the two directions are orthogonal, and both orientations occur over many heads."""
+        heads, dim = 200, 16
+        freqs = ndrope.mixed_frequencies(dim, 2, heads, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        first, second = freqs[:, :, 0], freqs[:, :, dim // 4]  # the k = 0 pair of each direction, magnitude 1
+        phi, psi = torch.atan2(first[:, 1], first[:, 0]), torch.atan2(second[:, 1], second[:, 0])
+        turn = wrapped(psi - phi)
+        assert_close(turn.abs(), torch.full((heads,), math.pi / 2, dtype=torch.float64), atol=1e-12, rtol=0)
+        plus = int((turn > 0).sum())
+        assert 60 < plus < 140, f"{plus} of {heads} heads turn by +pi/2"  # Haar: a fair coin per head
+
+
+class TestShapesAndDevices:
+    """Meta tensors and high-rank x go through the functional core."""
+
+    @pytest.mark.parametrize("heads", [None, 3])
+    def test_meta_positions_and_freqs(self, heads):
+        freqs = ndrope.axial_frequencies(16, 2) if heads is None else ndrope.mixed_frequencies(16, 2, heads)
+        out = ndrope.angles(torch.zeros(5, 7, 2, device="meta"), freqs.to("meta"))
+        assert out.device.type == "meta"
+        assert out.shape == ((5, 7, 8) if heads is None else (5, 3, 7, 8))
+        rope = ndrope.RotaryEmbedding(16, 2, reference_shape=(2, 2)).to("meta")
+        cos, sin = rope.rotation(torch.zeros(7, 2, device="meta"), num_prefix_tokens=1)
+        assert cos.device.type == "meta" and cos.shape == sin.shape == (8, 8)
+
+    def test_rank_18_x(self):
+        x = torch.randn(*(1,) * 15, 2, 3, 8)
+        theta = torch.randn(3, 4)
+        assert x.dim() == 18
+        assert_close(ndrope.apply_rotary(x, theta), rotate_formula(x, theta.cos(), theta.sin(), "half"), atol=1e-5, rtol=1e-5)
