@@ -24,6 +24,18 @@ class SignalAtStep(Callback):
             os.kill(os.getpid(), self.signum)
 
 
+class SignalAtTestBatch(Callback):
+    """Sends ``signum`` to this process as test batch ``batch`` (of the first test loader) starts."""
+
+    def __init__(self, batch: int, signum: int) -> None:
+        self.batch, self.signum = batch, signum
+
+    def on_test_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: object, batch_idx: int,
+                            dataloader_idx: int = 0) -> None:
+        if dataloader_idx == 0 and batch_idx == self.batch:
+            os.kill(os.getpid(), self.signum)
+
+
 class CrashAtStep(Callback):
     """Raises as the batch after ``step`` optimizer steps starts, saving nothing: a kill -9 or an out-of-memory kill."""
 

@@ -6,6 +6,7 @@ from tests/test_data.py, with a one-block 32-wide ViT.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import gc
@@ -546,6 +547,16 @@ class TestCheckpointArguments:
                   "--model.eval_resolutions=[28]", "--data.eval_batch_size=7", "--data.num_workers=0"])
         assert json.loads((trained / "test" / "eval.json").read_text())["results"][0]["resolution"] == 28
 
+    def test_sigterm_during_test_exits_non_zero_without_a_report(self, trained: Path) -> None:
+        """Lightning ends a `test` stopped by SIGTERM with status 0; the study would then read a missing report."""
+        with pytest.raises(SystemExit) as stopped:
+            cli_main(["test", "--config", str(trained / "config.yaml"), "--ckpt_path=last",
+                      "--model.resolution_mode=extrapolate", "--data.eval_batch_size=8",
+                      "--trainer.callbacks+=interruptions.SignalAtTestBatch", "--trainer.callbacks.batch=0",
+                      f"--trainer.callbacks.signum={int(signal.SIGTERM)}"])
+        assert stopped.value.code == 143
+        assert not (trained / "test-extrapolate" / "eval.json").exists()
+
     @pytest.mark.parametrize("content, message", [
         (b"", r"is empty \(0 bytes\): not a checkpoint"),
         (bytes(range(256)) * 40, r"is not a checkpoint: PyTorch checkpoints are zip archives"),
@@ -659,3 +670,45 @@ def test_ddp_two_cpu_processes(data: Path, tmp_path: Path) -> None:
     assert "distributed_backend=gloo" in result.stderr + result.stdout
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 6  # 58 training images / 2 processes / batch 8 = 3 steps per epoch
+
+
+@pytest.mark.slow
+def test_ddp_sigterm_stops_both_ranks_at_one_step(data: Path, tmp_path: Path) -> None:
+    """SIGTERM to the process that started DDP (rank 0) while both ranks are inside step 3: the ranks agree to stop
+    after it, save one last.ckpt there and exit non-zero; `--ckpt_path last` then finishes the run."""
+    run, signals = tmp_path / "run", tmp_path / "signals"
+    signals.mkdir()
+    args = fashion_args(data, run, "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp",
+                        "--data.batch_size=4", "--trainer.limit_val_batches=1")
+    pause = ["--trainer.callbacks+=interruptions.PauseAtStep", "--trainer.callbacks.step=2",
+             f"--trainer.callbacks.folder={signals}"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    rank0 = subprocess.Popen([sys.executable, str(REPO / "train.py"), "fit", *args, *pause], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ranks: list[int] = []
+    try:
+        deadline = time.monotonic() + 300
+        while len(list(signals.glob("paused-*"))) < 2 and rank0.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        ranks = [int(p.name.split("-")[1]) for p in signals.glob("paused-*")]
+        rank0.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        (signals / "go").touch()
+        output = rank0.communicate(timeout=300)[0]
+        deadline = time.monotonic() + 30
+        while any(Path(f"/proc/{pid}").exists() for pid in ranks) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(ranks) == 2 and not any(Path(f"/proc/{pid}").exists() for pid in ranks)
+    finally:
+        for pid in [rank0.pid, *ranks]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert rank0.returncode == 143, output[-3000:]
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (saved["epoch"], saved["global_step"]) == (0, 3)  # 58 images / 2 ranks / batch 4: 7 steps per epoch
+    assert not fit_completed(run)
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), "fit", *args, "--ckpt_path=last"], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert fit_completed(run)
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 7
