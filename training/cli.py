@@ -14,7 +14,7 @@ A run folder (``--trainer.default_root_dir``, default runs/default) holds::
                                    test-<mode>/ when --model.resolution_mode is given
 
 Safety rules enforced here (a clear error instead of a silent wrong result): ``test`` / ``validate`` /
-``predict`` need ``--ckpt_path``, and ``last`` / ``best`` must exist in the run folder; a checkpoint is read
+``predict`` need ``--ckpt_path`` (and ``last`` needs the run folder's last.ckpt); a checkpoint is read
 safely and must have been trained with the same model and data arguments as the config (``fit --ckpt_path``
 resumes only the run it belongs to); checkpoints are written atomically
 (`training.checkpoint.AtomicCheckpointIO`); a run folder is locked while in use, and must be a folder. A
@@ -124,8 +124,8 @@ class ViTCLI(LightningCLI):
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # Two checkpoint callbacks: Lightning's save_last only saves when the monitored metric improved, and
-        # last.ckpt is also saved inside epochs and on signals.
+        # best.ckpt by Lightning's ModelCheckpoint; last.ckpt by LastCheckpoint, which also saves inside epochs
+        # and on signals and marks a completed fit (Lightning's save_last only saves when the metric improved).
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
         parser.set_defaults(
