@@ -271,13 +271,14 @@ class TestResumeInsideAnEpoch:
         cli_main(["fit", *fashion_args(data, run, *RANDOM_TRAINING)])
         return run
 
-    @pytest.mark.parametrize("interruption, saved_step", [
-        (SignalAtStep(3, signal.SIGINT), 4),  # Ctrl-C during step 4: that step ends, then last.ckpt
-        (CrashAtStep(5), 5),  # killed without a word: the timed save after step 5 is what is left
-    ], ids=["ctrl-c", "crash-after-timed-save"])  # SIGTERM: test_sigterm_stops_a_fit_non_zero_...
+    @pytest.mark.parametrize("interruption, saved_step, workers", [
+        (SignalAtStep(3, signal.SIGINT), 4, 0),  # Ctrl-C during step 4: that step ends, then last.ckpt
+        (CrashAtStep(5), 5, 0),  # killed without a word: the timed save after step 5 is what is left
+        pytest.param(SignalAtStep(3, signal.SIGINT), 4, 2, marks=pytest.mark.slow),  # vs. a straight run without
+    ], ids=["ctrl-c", "crash-after-timed-save", "ctrl-c-2-workers"])  # SIGTERM: test_sigterm_stops_a_fit_...
     def test_continues_exactly(self, data: Path, tmp_path: Path, straight: Path, interruption: Callback,
-                               saved_step: int) -> None:
-        args = fashion_args(data, tmp_path, *RANDOM_TRAINING)
+                               saved_step: int, workers: int) -> None:
+        args = fashion_args(data, tmp_path, *RANDOM_TRAINING, f"--data.num_workers={workers}")
         timed = ["--last_checkpoint.every_n_minutes=1e-9"] if isinstance(interruption, CrashAtStep) else []
         first = cli_main([*args, *timed], run=False)
         first.trainer.callbacks.append(interruption)
