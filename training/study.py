@@ -164,13 +164,14 @@ class RunProcesses:
         self._running: set[subprocess.Popen] = set()
         self.stopping = False
 
-    def start(self, command: list[str], env: dict[str, str]) -> subprocess.Popen:
-        """Start ``command``; it dies with this process (Linux parent-death signal, passed on to DDP ranks)."""
+    def start(self, command: list[str], env: dict[str, str], **popen: Any) -> subprocess.Popen:
+        """Start ``command`` (``popen``: more `subprocess.Popen` arguments, e.g. ``stdout``); it dies with this
+        process (Linux parent-death signal, passed on to DDP ranks)."""
         with self._lock:
             if self.stopping:
                 raise RuntimeError("[study] stopping: no new run is started")
             child = subprocess.Popen(command, env={**env, PARENT_PID_ENV: str(os.getpid())}, start_new_session=True,
-                                     preexec_fn=functools.partial(die_with, os.getpid()))
+                                     preexec_fn=functools.partial(die_with, os.getpid()), **popen)
             self._running.add(child)
         return child
 
