@@ -11,13 +11,17 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from interruptions import CrashAtStep
 from test_data import CONFIGS, accept_fake_cifar, smoke_args
 
 import training.study
+from training.checkpoint import fit_completed
 from training.cli import cli_main
 from training.study import modes_for, run_study
 
@@ -227,6 +231,201 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+class StopsEarlyRunner(InProcessRunner):
+    """Its fits stop inside their second epoch and it still reports success: what a fit stopped by SIGTERM used to do
+    (Lightning's exit status 0)."""
+
+    def __call__(self, args: list[str], what: str, threads: int | None = None) -> float:
+        if args[0] != "fit":
+            return super().__call__(args, what, threads)
+        self.calls.append(args)
+        cli = cli_main(args[1:], run=False)
+        cli.trainer.callbacks.append(CrashAtStep(3))
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        return 1.0
+
+
+def test_fit_that_did_not_finish_is_never_recorded(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fit child that exits 0 before the end of its budget is not recorded, tested or reported (it used to be
+    recorded as finished, tested half-trained and published, and a rerun skipped it); the rerun resumes it."""
+    monkeypatch.setattr(training.study, "_run", StopsEarlyRunner())
+    kwargs = dict(fit_config=[str(FASHION)], variants=["learned"], eval_resolutions=[28], seeds=[0],
+                  output_dir=str(tmp_path), fit_args=[*budget(data), "--trainer.max_epochs=2"])
+    with pytest.raises(RuntimeError, match=r"fit learned seed 0 exited without finishing its budget \(no "
+                                           r"fit_completed.json"):
+        run_study(**kwargs)
+    run_dir = tmp_path / "runs" / "learned-seed0"
+    assert not (run_dir / "fit.json").exists() and not (run_dir / "test").exists()
+    assert not (tmp_path / "results.json").exists()
+
+    runner = InProcessRunner()
+    monkeypatch.setattr(training.study, "_run", runner)
+    run_study(**kwargs)
+    assert [args[0] for args in runner.calls] == ["fit", "test"] and runner.calls[0][-2:] == ["--ckpt_path", "last"]
+    assert json.loads((run_dir / "fit.json").read_text())["resumed"] is True
+    assert fit_completed(run_dir)
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4  # 2 x 2 steps
+    assert json.loads((tmp_path / "results.json").read_text())["runs"][0]["variant"] == "learned"
+
+
+FAKE_TRAIN_SCRIPT = """
+import os, signal, subprocess, sys, time
+from pathlib import Path
+
+# A stand-in for train.py: records itself, starts a helper that ignores SIGTERM (as a DDP rank may),
+# and on SIGTERM records that it was asked to stop.
+folder = Path(os.environ["FAKE_RUNS"])
+helper = subprocess.Popen([sys.executable, "-c",
+                           "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(300)"])
+
+def stop(signum, frame):
+    (folder / f"{os.getpid()}.stopped").touch()
+    sys.exit(128 + signum)
+
+signal.signal(signal.SIGTERM, stop)
+(folder / f"{os.getpid()}.run").write_text(f"{helper.pid}\\n")
+time.sleep(300)
+"""
+
+STUDY_WITH_FAKE_RUNS = """
+import sys
+from pathlib import Path
+import training.study as study
+study.TRAIN_SCRIPT = Path(sys.argv[1])
+study.main(sys.argv[2:])
+"""
+
+
+def test_interrupt_stops_running_runs_and_starts_no_more(data: Path, tmp_path: Path) -> None:
+    """Ctrl-C to a study running 2 of 4 runs at a time: both running runs are asked to stop (SIGTERM, so a fit
+    saves last.ckpt), their process groups are killed (helpers that ignore SIGTERM too), no queued run starts, and
+    the study exits with status 130 in seconds (it used to wait until every queued run had finished)."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    script = tmp_path / "fake_train.py"
+    script.write_text(FAKE_TRAIN_SCRIPT)
+    command = [sys.executable, "-c", STUDY_WITH_FAKE_RUNS, str(script), f"--fit_config=[{FASHION}]",
+               "--variants=[learned, rope_axial]", "--seeds=[0, 1]", "--eval_resolutions=[28]", "--jobs=2",
+               f"--output_dir={tmp_path / 'study'}", "--", *budget(data)]
+    study = subprocess.Popen(command, cwd=REPO, env={**os.environ, "FAKE_RUNS": str(runs)}, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while len(list(runs.glob("*.run"))) < 2 and study.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        started = sorted(runs.glob("*.run"))
+        assert len(started) == 2, study.communicate(timeout=60)[0][-3000:]
+        interrupted = time.monotonic()
+        study.send_signal(signal.SIGINT)
+        output = study.communicate(timeout=60)[0]
+        seconds = time.monotonic() - interrupted
+    finally:
+        study.kill()
+    assert study.returncode == 130, output[-3000:]
+    assert seconds < 30, output[-3000:]
+    assert "[study] interrupted: stopping the running runs" in output
+    assert sorted(p.name for p in runs.glob("*.stopped")) == sorted(f"{p.stem}.stopped" for p in started)
+    time.sleep(0.5)
+    assert len(list(runs.glob("*.run"))) == 2  # the queued runs never started
+    for pid_file in started:
+        assert not _alive(int(pid_file.stem)) and not _alive(int(pid_file.read_text()))
+
+
+def wait_for(condition: Callable[[], bool], process: subprocess.Popen, seconds: float = 300) -> None:
+    """Poll ``condition`` until it holds; fail with the process's output if the process ends or time runs out."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"condition not reached; output:\n{process.communicate()[0][-3000:]}")
+        time.sleep(0.1)
+
+
+def study_process(data: Path, tmp_path: Path, variants: list[str], *fit_args: str, jobs: int = 1) -> subprocess.Popen:
+    """`python -m training.study` on the tiny budget, its fits pausing at step 3 until ``<tmp_path>/signals/go``."""
+    signals = tmp_path / "signals"
+    signals.mkdir(exist_ok=True)
+    pause = ["--trainer.callbacks+=interruptions.PauseAtStep", "--trainer.callbacks.step=3",
+             f"--trainer.callbacks.folder={signals}"]
+    command = [sys.executable, "-m", "training.study", f"--fit_config=[{FASHION}]", f"--variants=[{', '.join(variants)}]",
+               "--seeds=[0]", "--eval_resolutions=[28]", "--eval_protocols=[zoom]", f"--jobs={jobs}",
+               f"--output_dir={tmp_path / 'study'}", "--", *budget(data), "--data.batch_size=4",
+               "--trainer.limit_train_batches=10", *fit_args, *pause]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_interrupted_study_saves_its_fits_and_the_rerun_resumes_them(data: Path, tmp_path: Path) -> None:
+    """The real command, 2 jobs, 3 runs: Ctrl-C while both running fits are at step 4 of 10. Both save last.ckpt at
+    step 4 and stop, the third never starts, nothing is reported; the same command then resumes both from step 4."""
+    variants = ["learned", "rope_axial", "rope_mixed"]
+    study = study_process(data, tmp_path, variants, jobs=2)
+    signals = tmp_path / "signals"
+    wait_for(lambda: len(list(signals.glob("paused-*"))) == 2, study)
+    study.send_signal(signal.SIGINT)
+    time.sleep(1.0)  # the study passes SIGTERM on to both fits, which finish their step once released
+    (signals / "go").touch()
+    output = study.communicate(timeout=300)[0]
+    assert study.returncode == 130, output[-3000:]
+    runs = tmp_path / "study" / "runs"
+    assert sorted(p.name for p in runs.iterdir()) == ["learned-seed0", "rope_axial-seed0"]  # rope_mixed: queued
+    for run in runs.iterdir():
+        assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+        assert not fit_completed(run) and not (run / "fit.json").exists()
+    assert not (tmp_path / "study" / "results.json").exists()
+
+    rerun = study_process(data, tmp_path, variants, jobs=2)
+    output = rerun.communicate(timeout=900)[0]
+    assert rerun.returncode == 0, output[-3000:]
+    for variant in variants:
+        run = runs / f"{variant}-seed0"
+        assert fit_completed(run)
+        assert json.loads((run / "fit.json").read_text())["resumed"] is (variant != "rope_mixed")
+        assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 10
+    results = json.loads((tmp_path / "study" / "results.json").read_text())
+    assert sorted(r["variant"] for r in results["runs"]) == sorted(variants)
+
+
+def ranks_of(output_dir: Path) -> dict[int, int]:
+    """{pid: LOCAL_RANK} of the live train.py processes whose command line names ``output_dir``."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+            environ = (proc / "environ").read_bytes().decode(errors="replace").split("\0")
+        except (FileNotFoundError, PermissionError, ProcessLookupError, NotADirectoryError):
+            continue
+        if "train.py" in cmdline and str(output_dir) in cmdline and _alive(int(proc.name)):
+            rank = next((int(v.split("=", 1)[1]) for v in environ if v.startswith("LOCAL_RANK=")), 0)
+            found[int(proc.name)] = rank
+    return found
+
+
+@pytest.mark.slow
+def test_killing_a_ddp_study_kills_every_rank(data: Path, tmp_path: Path) -> None:
+    """kill -9 of a study whose fit runs DDP on 2 CPU processes: both ranks die with it, at once (Lightning starts
+    rank 1 without a parent-death signal: it used to stay alive, here paused, until it noticed)."""
+    study = study_process(data, tmp_path, ["learned"], "--trainer.accelerator=cpu", "--trainer.devices=2",
+                          "--trainer.strategy=ddp")
+    signals = tmp_path / "signals"
+    try:
+        wait_for(lambda: len(list(signals.glob("paused-*"))) == 2, study)
+        ranks = ranks_of(tmp_path / "study")
+        assert sorted(ranks.values()) == [0, 1]
+        study.send_signal(signal.SIGKILL)
+        study.wait()
+        deadline = time.monotonic() + 5
+        while any(_alive(pid) for pid in ranks) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [pid for pid in ranks if _alive(pid)]
+    finally:
+        study.kill()
+        for pid in ranks_of(tmp_path / "study"):
+            os.kill(pid, signal.SIGKILL)
+
+
 class TestStudyRejectsBadInput:
     """Errors come before any training (the runner is never called) and name the argument."""
 
@@ -241,6 +440,13 @@ class TestStudyRejectsBadInput:
         kwargs = dict(fit_config=[str(FASHION)], variants=["learned"], eval_resolutions=[28], seeds=[0],
                       output_dir=str(tmp_path), fit_args=budget(data))
         run_study(**{**kwargs, **overrides})
+
+    @pytest.mark.parametrize("dry_run", [False, True])
+    def test_output_dir_that_is_a_file(self, data: Path, tmp_path: Path, dry_run: bool) -> None:
+        file = tmp_path / "report"
+        file.write_text("")
+        with pytest.raises(ValueError, match=rf"output_dir='{file}' is a file, not a folder"):
+            self.run(data, tmp_path, output_dir=str(file), dry_run=dry_run)
 
     def test_unknown_variant(self, data: Path, tmp_path: Path) -> None:
         with pytest.raises(ValueError, match=r"unknown pos_embed \['rope_2d'\]; choose from \['learned'.* or define"):

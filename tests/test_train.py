@@ -6,23 +6,29 @@ from tests/test_data.py, with a one-block 32-wide ViT.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
+import gc
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from interruptions import CrashAtStep, SignalAtStep
 from lightning.pytorch import Callback, LightningModule, Trainer
 from test_data import CONFIGS, QUIET, TINY_NET, accept_fake_cifar, smoke_args
 
 import training.report
 import vit
-from training.checkpoint import RunFolderLock
+from training.checkpoint import RunFolderLock, fit_completed
 from training.cli import auto_precision, cli_main
 from training.data import FashionMNISTData
 from training.module import ImageClassifier
@@ -236,6 +242,146 @@ def test_resume_continues_exactly(data: Path, tmp_path: Path, num_workers: int) 
     assert val_rows(resumed)[1] == pytest.approx(val_rows(straight)[1], abs=1e-6)
 
 
+def assert_same_training(a_dir: Path, b_dir: Path, epoch_and_step: tuple[int, int]) -> None:
+    """The last.ckpt of two runs: same epoch and step, same weights; and the same val metrics at every epoch."""
+    a = torch.load(a_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(b_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"]) == epoch_and_step
+    for name, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][name], value, atol=1e-6, rtol=1e-5, msg=name)
+    straight_val, resumed_val = val_rows(a_dir), val_rows(b_dir)
+    assert sorted(resumed_val) == sorted(straight_val)
+    for epoch, metrics in straight_val.items():
+        assert resumed_val[epoch] == pytest.approx(metrics, abs=1e-6)
+
+
+#: Randomness on every side (augmentation, drop path, mixup/cutmix), so a resume that replays any of it
+#: differently shows; batch 8: 7 steps per epoch.
+RANDOM_TRAINING = ["--data.batch_size=8", "--trainer.max_epochs=2", "--model.net.init_args.drop_path_rate=0.2",
+                   "--model.mixup_alpha=0.8", "--model.cutmix_alpha=1.0", "--data.randaugment_magnitude=9",
+                   "--trainer.limit_val_batches=1", "--data.num_workers=0"]
+
+
+class TestResumeInsideAnEpoch:
+    """An interruption in the middle of epoch 0, then `--ckpt_path last`: the run ends as if never stopped."""
+
+    @pytest.fixture(scope="class")
+    def straight(self, data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+        run = tmp_path_factory.mktemp("straight")
+        cli_main(["fit", *fashion_args(data, run, *RANDOM_TRAINING)])
+        return run
+
+    @pytest.mark.parametrize("interruption, saved_step, workers", [
+        (SignalAtStep(3, signal.SIGINT), 4, 0),  # Ctrl-C during step 4: that step ends, then last.ckpt
+        (CrashAtStep(5), 5, 0),  # killed without a word: the timed save after step 5 is what is left
+        pytest.param(SignalAtStep(3, signal.SIGINT), 4, 2, marks=pytest.mark.slow),  # vs. a straight run without
+    ], ids=["ctrl-c", "crash-after-timed-save", "ctrl-c-2-workers"])  # SIGTERM: test_sigterm_stops_a_fit_...
+    def test_continues_exactly(self, data: Path, tmp_path: Path, straight: Path, interruption: Callback,
+                               saved_step: int, workers: int) -> None:
+        args = fashion_args(data, tmp_path, *RANDOM_TRAINING, f"--data.num_workers={workers}")
+        timed = ["--last_checkpoint.every_n_minutes=1e-9"] if isinstance(interruption, CrashAtStep) else []
+        first = cli_main([*args, *timed], run=False)
+        first.trainer.callbacks.append(interruption)
+        expected = (SystemExit, RuntimeError) if isinstance(interruption, CrashAtStep) else SystemExit
+        with pytest.raises(expected) as stopped:
+            first.trainer.fit(first.model, datamodule=first.datamodule)
+        if isinstance(interruption, SignalAtStep):
+            assert stopped.value.code == 128 + interruption.signum  # never 0: the fit did not finish
+        saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+        assert (saved["epoch"], saved["global_step"]) == (0, saved_step)  # inside epoch 0 (7 steps)
+        assert saved["FashionMNISTData"] == {"epoch": 0, "batch": saved_step}
+        assert not fit_completed(tmp_path)
+
+        resumed = cli_main(["fit", *args, "--ckpt_path=last"])
+        assert resumed.trainer.global_step == 14 and fit_completed(tmp_path)
+        assert_same_training(straight, tmp_path, (1, 14))
+
+
+def test_sigterm_stops_a_fit_non_zero_with_a_resumable_checkpoint(data: Path, tmp_path: Path) -> None:
+    """`kill <fit>` (a scheduler's preemption, `timeout`) in the middle of an epoch: the step under way ends,
+    last.ckpt is saved there and the process exits with status 143; the fit is not complete. `--ckpt_path last`
+    then finishes it (its max_steps=10 inside the first, 14-step epoch) as if it had never stopped."""
+    run, paused = tmp_path / "run", tmp_path / "signals"
+    paused.mkdir()
+    args = fashion_args(data, run, "--data.batch_size=4", "--trainer.max_steps=10", "--trainer.limit_val_batches=1")
+    pause = ["--trainer.callbacks+=interruptions.PauseAtStep", "--trainer.callbacks.step=4",
+             f"--trainer.callbacks.folder={paused}"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.Popen([sys.executable, str(REPO / "train.py"), "fit", *args, *pause], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list(paused.glob("paused-*")) and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        child.send_signal(signal.SIGTERM)
+        (paused / "go").touch()
+        output = child.communicate(timeout=240)[0]
+    finally:
+        child.kill()
+    assert child.returncode == 143, output[-3000:]
+    assert "SIGTERM: stopping after this step" in output
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (saved["epoch"], saved["global_step"]) == (0, 5)
+    assert not fit_completed(run)
+
+    cli_main(["fit", *args, "--ckpt_path=last"])
+    assert fit_completed(run)
+    straight = tmp_path / "straight"
+    cli_main(["fit", *fashion_args(data, straight, "--data.batch_size=4", "--trainer.max_steps=10",
+                                   "--trainer.limit_val_batches=1")])
+    assert_same_training(straight, run, (0, 10))
+
+
+def test_step_budget_inside_an_epoch_validates_and_keeps_best(data: Path, tmp_path: Path) -> None:
+    """max_steps=5 of a 14-step epoch: the fit validates after step 5 and writes best.ckpt, which `test` evaluates."""
+    cli_main(["fit", *fashion_args(data, tmp_path, "--data.batch_size=4", "--trainer.max_steps=5",
+                                   "--trainer.limit_val_batches=1")])
+    assert [int(r["step"]) for r in read_metrics(tmp_path) if r.get("val/top1")] == [4]  # logged at the 5th step
+    best = tmp_path / "checkpoints" / "best.ckpt"
+    assert torch.load(best, weights_only=True)["global_step"] == 5
+    assert fit_completed(tmp_path)
+    cli_main(["test", "--config", str(tmp_path / "config.yaml"), f"--ckpt_path={best}", "--model.eval_resolutions=[28]"])
+    assert json.loads((tmp_path / "test" / "eval.json").read_text())["meta"]["checkpoint"] == str(best)
+
+
+@pytest.mark.parametrize("every_n_train_steps, saved_step", [(2, 4), (None, None)])
+def test_last_checkpoint_every_n_train_steps(data: Path, tmp_path: Path, every_n_train_steps: int | None,
+                                             saved_step: int | None) -> None:
+    """A crash at step 5 of a 14-step epoch leaves the save of step 4 with every_n_train_steps=2, and none with the
+    step trigger off (the default timed save is 5 minutes away)."""
+    args = fashion_args(data, tmp_path, "--data.batch_size=4", "--trainer.limit_val_batches=1")
+    if every_n_train_steps:
+        args.append(f"--last_checkpoint.every_n_train_steps={every_n_train_steps}")
+    cli = cli_main(args, run=False)
+    cli.trainer.callbacks.append(CrashAtStep(5))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert (torch.load(last, weights_only=True)["global_step"] if last.exists() else None) == saved_step
+    assert not fit_completed(tmp_path)
+
+
+def test_fit_completed_needs_the_mark_and_the_checkpoint_it_marks(data: Path, tmp_path: Path) -> None:
+    """The completion mark is written at the end of a fit, removed when the next fit in the folder starts, and
+    only counts for the last.ckpt it was written with."""
+    assert not fit_completed(tmp_path)
+    args = fashion_args(data, tmp_path, "--trainer.limit_val_batches=1")
+    cli_main(["fit", *args])
+    mark = json.loads((tmp_path / "checkpoints" / "fit_completed.json").read_text())
+    assert (mark["global_step"], mark["max_epochs"]) == (3, 1) and fit_completed(tmp_path)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    kept = last.read_bytes()
+    cli = cli_main([*args, "--trainer.max_epochs=2"], run=False)  # a longer fit in the same folder ...
+    cli.trainer.callbacks.append(CrashAtStep(4))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path="last")
+    assert not fit_completed(tmp_path)  # ... that did not finish
+    cli_main(["fit", *args])
+    assert fit_completed(tmp_path)
+    last.write_bytes(kept[: len(kept) // 2])  # a last.ckpt that is not the one the mark was written for
+    assert not fit_completed(tmp_path)
+
+
 # ----------------------------------------------------------------------------- bad input and interruption
 
 
@@ -255,6 +401,30 @@ class TestBadInput:
     def test_missing_dataset(self, tmp_path: Path) -> None:
         with pytest.raises(FileNotFoundError, match=r"Fashion-MNIST not found.*apt-get install dataset-fashion-mnist"):
             cli_main(["fit", *fashion_args(tmp_path / "missing", tmp_path)])
+
+    def test_run_folder_that_is_a_file(self, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """One error naming the option, before anything is built; it used to be a FileExistsError from the lock,
+        followed by a second traceback from the half-built lock's destructor."""
+        file = tmp_path / "run"
+        file.write_text("notes\n")
+        with pytest.raises(ValueError, match=rf"--trainer.default_root_dir='{file}' is a file, not a folder"):
+            cli_main(["fit", *fashion_args(data, file)])
+        with pytest.raises(ValueError, match=rf"default_root_dir='{file / 'sub'}' is inside '{file}', which is a file"):
+            cli_main(["test", *fashion_args(data, file / "sub"), "--ckpt_path=x.ckpt"])
+        unraisable = []
+        monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+        with pytest.raises(ValueError, match=r"folder='.*run' is a file, not a folder"):
+            RunFolderLock(file)
+        gc.collect()
+        assert unraisable == [] and file.read_text() == "notes\n"
+
+    @pytest.mark.parametrize("option, message", [
+        ("--last_checkpoint.every_n_minutes=0", r"every_n_minutes=0.0 must be > 0, or None"),
+        ("--last_checkpoint.every_n_train_steps=0", r"every_n_train_steps=0 must be a positive int, or None"),
+    ])
+    def test_bad_last_checkpoint_interval(self, data: Path, tmp_path: Path, option: str, message: str) -> None:
+        with pytest.raises(ValueError, match=message):
+            cli_main(["fit", *fashion_args(data, tmp_path, option)])
 
 
 def test_failed_checkpoint_write_keeps_previous(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -341,6 +511,17 @@ class TestCheckpointArguments:
         after = (trained / "test" / "eval.json").read_bytes() if (trained / "test" / "eval.json").exists() else None
         assert before == after
 
+    @pytest.mark.parametrize("subcommand", ["test", "validate", "predict"])
+    def test_last_without_a_last_checkpoint(self, trained: Path, tmp_path: Path, subcommand: str) -> None:
+        """`test --ckpt_path last` in a folder without last.ckpt used to evaluate random weights and write eval.json
+        at chance level; now it names the file it looked for."""
+        empty = tmp_path / "empty"
+        missing = empty / "checkpoints" / "last.ckpt"
+        with pytest.raises(FileNotFoundError, match=rf"`{subcommand} --ckpt_path last`: there is no '{missing}'"):
+            cli_main([subcommand, "--config", str(trained / "config.yaml"), f"--trainer.default_root_dir={empty}",
+                      "--ckpt_path=last"])
+        assert not (empty / "test").exists()
+
     def test_checkpoint_of_another_architecture(self, data: Path, trained: Path, tmp_path: Path) -> None:
         """`test --config A --ckpt_path <B's checkpoint>` used to rebuild B silently and write into A's folder."""
         other = tmp_path / "other"
@@ -365,6 +546,16 @@ class TestCheckpointArguments:
         cli_main(["test", "--config", str(trained / "config.yaml"), "--ckpt_path=last",
                   "--model.eval_resolutions=[28]", "--data.eval_batch_size=7", "--data.num_workers=0"])
         assert json.loads((trained / "test" / "eval.json").read_text())["results"][0]["resolution"] == 28
+
+    def test_sigterm_during_test_exits_non_zero_without_a_report(self, trained: Path) -> None:
+        """Lightning ends a `test` stopped by SIGTERM with status 0; the study would then read a missing report."""
+        with pytest.raises(SystemExit) as stopped:
+            cli_main(["test", "--config", str(trained / "config.yaml"), "--ckpt_path=last",
+                      "--model.resolution_mode=extrapolate", "--data.eval_batch_size=8",
+                      "--trainer.callbacks+=interruptions.SignalAtTestBatch", "--trainer.callbacks.batch=0",
+                      f"--trainer.callbacks.signum={int(signal.SIGTERM)}"])
+        assert stopped.value.code == 143
+        assert not (trained / "test-extrapolate" / "eval.json").exists()
 
     @pytest.mark.parametrize("content, message", [
         (b"", r"is empty \(0 bytes\): not a checkpoint"),
@@ -484,6 +675,48 @@ def test_ddp_two_cpu_processes(data: Path, tmp_path: Path) -> None:
     assert "distributed_backend=gloo" in result.stderr + result.stdout
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 6  # 58 training images / 2 processes / batch 8 = 3 steps per epoch
+
+
+@pytest.mark.slow
+def test_ddp_sigterm_stops_both_ranks_at_one_step(data: Path, tmp_path: Path) -> None:
+    """SIGTERM to the process that started DDP (rank 0) while both ranks are inside step 3: the ranks agree to stop
+    after it, save one last.ckpt there and exit non-zero; `--ckpt_path last` then finishes the run."""
+    run, signals = tmp_path / "run", tmp_path / "signals"
+    signals.mkdir()
+    args = fashion_args(data, run, "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp",
+                        "--data.batch_size=4", "--trainer.limit_val_batches=1")
+    pause = ["--trainer.callbacks+=interruptions.PauseAtStep", "--trainer.callbacks.step=2",
+             f"--trainer.callbacks.folder={signals}"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    rank0 = subprocess.Popen([sys.executable, str(REPO / "train.py"), "fit", *args, *pause], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ranks: list[int] = []
+    try:
+        deadline = time.monotonic() + 300
+        while len(list(signals.glob("paused-*"))) < 2 and rank0.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        ranks = [int(p.name.split("-")[1]) for p in signals.glob("paused-*")]
+        rank0.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        (signals / "go").touch()
+        output = rank0.communicate(timeout=300)[0]
+        deadline = time.monotonic() + 30
+        while any(Path(f"/proc/{pid}").exists() for pid in ranks) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(ranks) == 2 and not any(Path(f"/proc/{pid}").exists() for pid in ranks)
+    finally:
+        for pid in [rank0.pid, *ranks]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert rank0.returncode == 143, output[-3000:]
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (saved["epoch"], saved["global_step"]) == (0, 3)  # 58 images / 2 ranks / batch 4: 7 steps per epoch
+    assert not fit_completed(run)
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), "fit", *args, "--ckpt_path=last"], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert fit_completed(run)
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 7
 
 
 # ----------------------------------------------------------------------------- FSDP2

@@ -7,21 +7,29 @@ A run folder (``--trainer.default_root_dir``, default runs/default) holds::
     events.out.tfevents.*          TensorBoard log (continues across resumes)
     csv/version_N/metrics.csv      CSV log, one version per start of `fit`
     checkpoints/best.ckpt          best val/top1 on the validation hold-out (never the test split)
-    checkpoints/last.ckpt          end of the latest epoch (`--ckpt_path last` resumes from it)
+    checkpoints/last.ckpt          where `--ckpt_path last` resumes: saved at epoch ends, every 5 minutes, on
+                                   SIGTERM / Ctrl-C and at the end (`training.checkpoint.LastCheckpoint`)
+    checkpoints/fit_completed.json written when a fit ran to its end (`training.checkpoint.fit_completed`)
     test/eval.json, test/eval.csv  accuracy per (protocol, resolution) (+ test/metrics.csv);
                                    test-<mode>/ when --model.resolution_mode is given
 
 Safety rules enforced here (a clear error instead of a silent wrong result): ``test`` / ``validate`` /
-``predict`` need ``--ckpt_path``; a checkpoint is read safely and must have been trained with the same
-model and data arguments as the config (``fit --ckpt_path`` resumes only the run it belongs to); checkpoints
-are written atomically (`training.checkpoint.AtomicCheckpointIO`); a run folder is locked while in use.
+``predict`` need ``--ckpt_path`` (and ``last`` needs the run folder's last.ckpt); a checkpoint is read
+safely and must have been trained with the same model and data arguments as the config (``fit --ckpt_path``
+resumes only the run it belongs to); checkpoints are written atomically
+(`training.checkpoint.AtomicCheckpointIO`); a run folder is locked while in use, and must be a folder. A
+process stopped by SIGTERM or Ctrl-C exits non-zero (a fit after saving last.ckpt); a fit that stops on its
+``max_steps`` inside an epoch is validated there (`ValidateFinalStep`), so best.ckpt exists.
 Everything here goes through LightningCLI's public methods; the study (`training.study`) runs this CLI
 in subprocesses and is not part of it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +40,9 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from .checkpoint import AtomicCheckpointIO, RunFolderLock, read_checkpoint
+from .checkpoint import AtomicCheckpointIO, LastCheckpoint, RunFolderLock, check_folder, checkpoint_dir, read_checkpoint
 from .data import ImageDataModule
 from .module import ImageClassifier
 
@@ -93,6 +102,18 @@ class ReleaseWhenDone(Callback):
         self.lock.release()
 
 
+class ValidateFinalStep(Callback):
+    """Validate after the step that reaches ``max_steps`` inside an epoch, as at an epoch end, so a step budget
+    shorter than an epoch still ends with val metrics and best.ckpt: it asks the trainer to stop there, and
+    Lightning validates before a requested stop."""
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps:
+            trainer.should_stop = True
+
+
 class ViTCLI(LightningCLI):
     """LightningCLI for `ImageClassifier` + any `ImageDataModule` subclass.
 
@@ -103,9 +124,10 @@ class ViTCLI(LightningCLI):
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # Two checkpoint callbacks: Lightning's save_last only saves when the monitored metric improved.
+        # best.ckpt by Lightning's ModelCheckpoint; last.ckpt by LastCheckpoint, which also saves inside epochs
+        # and on signals and marks a completed fit (Lightning's save_last only saves when the metric improved).
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
+        parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
         parser.set_defaults(
             {
                 "trainer.default_root_dir": "runs/default",
@@ -113,8 +135,6 @@ class ViTCLI(LightningCLI):
                 "checkpoint.monitor": "val/top1",
                 "checkpoint.mode": "max",
                 "checkpoint.enable_version_counter": False,
-                "last_checkpoint.filename": "last",
-                "last_checkpoint.enable_version_counter": False,
             }
         )
         for group in ("checkpoint", "last_checkpoint"):
@@ -130,7 +150,9 @@ class ViTCLI(LightningCLI):
         # Checked here, before anything is built: right after parsing, LightningCLI loads a checkpoint's model
         # hyperparameters over the config (and so would silently rebuild whatever architecture the checkpoint
         # holds). The config decides; a checkpoint trained with other model/data arguments is refused.
-        if self.config.get("subcommand") is not None:
+        subcommand = self.config.get("subcommand")
+        if subcommand is not None:
+            check_folder(self.config[subcommand]["trainer"]["default_root_dir"], "--trainer.default_root_dir")
             check_ckpt_path(parser, self.config)
 
     def instantiate_classes(self) -> None:
@@ -163,14 +185,16 @@ class ViTCLI(LightningCLI):
                 kwargs["logger"] = CSVLogger(root, name="", version=self.subcommand + (f"-{mode}" if mode else ""))
         # DDP workers (LOCAL_RANK > 0) are children of the locking process and share its folder.
         if not self.subcommand or os.environ.get("LOCAL_RANK", "0") != "0":
-            return super().instantiate_trainer(**kwargs)
-        lock = RunFolderLock(root)
-        try:
             trainer = super().instantiate_trainer(**kwargs)
-        except BaseException:
-            lock.release()
-            raise
-        trainer.callbacks.append(ReleaseWhenDone(lock))
+        else:
+            lock = RunFolderLock(root, argument="--trainer.default_root_dir")
+            try:
+                trainer = super().instantiate_trainer(**kwargs)
+            except BaseException:
+                lock.release()
+                raise
+            trainer.callbacks.append(ReleaseWhenDone(lock))
+        trainer.callbacks.append(ValidateFinalStep())
         return trainer
 
 
@@ -189,7 +213,14 @@ def check_ckpt_path(parser: LightningArgumentParser, config: Namespace) -> None:
         )
     path = checkpoint_file(ckpt_path, section["trainer"]["default_root_dir"])
     if path is None:
-        return  # 'best' / 'hpc' / 'registry' / a missing 'last': Lightning resolves and checks these itself
+        if ckpt_path == "last" and subcommand != "fit":
+            missing = Path(checkpoint_dir(section["trainer"]["default_root_dir"])) / "last.ckpt"
+            raise FileNotFoundError(
+                f"`{subcommand} --ckpt_path last`: there is no {os.fspath(missing)!r} (the last.ckpt of "
+                f"--trainer.default_root_dir={os.fspath(section['trainer']['default_root_dir'])!r}); train first, or "
+                "give the checkpoint's path; without it the weights would be random"
+            )
+        return  # 'best' / 'hpc' / 'registry' / 'last' for a fit that starts: Lightning resolves these itself
     checkpoint = read_checkpoint(path)
     resolved = yaml.safe_load(parser.dump(config, skip_link_targets=False, skip_none=False))[subcommand]
     problems = []
@@ -223,21 +254,50 @@ def checkpoint_file(ckpt_path: str, default_root_dir: str | os.PathLike) -> Path
     return Path(ckpt_path)
 
 
-def checkpoint_dir(default_root_dir: str | os.PathLike) -> str:
-    """``<default_root_dir>/checkpoints``."""
-    return os.path.join(os.fspath(default_root_dir), "checkpoints")
+#: The pid a train.py process must not outlive (set by the study for each run); train.py puts its own pid here
+#: for the DDP ranks Lightning starts from it, so that study, run and ranks die together (`die_with_parent`).
+PARENT_PID_ENV = "TRAIN_DIE_WITH_PARENT"
+_PR_SET_PDEATHSIG = 1
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+
+def die_with(parent: int) -> None:
+    """Linux: the kernel sends this process SIGKILL when its parent exits (PR_SET_PDEATHSIG, which a kill -9 of the
+    parent cannot skip); if ``parent`` is gone already, exit now. Safe as a ``preexec_fn`` (no import, no lock)."""
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(1)
+
+
+def die_with_parent() -> None:
+    """`die_with` the parent named by ``$TRAIN_DIE_WITH_PARENT`` (nothing when unset), and name this process there
+    for the processes it starts: Lightning's DDP launcher starts ranks without a parent-death signal."""
+    parent = os.environ.get(PARENT_PID_ENV)
+    if parent:
+        die_with(int(parent))
+        os.environ[PARENT_PID_ENV] = str(os.getpid())
 
 
 def cli_main(args: ArgsType = None, run: bool = True) -> ViTCLI:
     """``python train.py {fit,validate,test,predict} --config configs/<name>.yaml [--section.option value ...]``;
-    with ``run=False`` (no subcommand in ``args``) it only builds the model, data and trainer."""
-    return ViTCLI(
-        ImageClassifier,
-        ImageDataModule,
-        subclass_mode_data=True,
-        save_config_callback=SaveFitConfig,
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-        args=args,
-        run=run,
-    )
+    with ``run=False`` (no subcommand in ``args``) it only builds the model, data and trainer.
+
+    SIGTERM or Ctrl-C ends it with a non-zero status: a fit stops at the end of its step after saving last.ckpt
+    (`training.checkpoint.LastCheckpoint`); Lightning would end the other subcommands with status 0.
+    """
+    die_with_parent()
+    try:
+        return ViTCLI(
+            ImageClassifier,
+            ImageDataModule,
+            subclass_mode_data=True,
+            save_config_callback=SaveFitConfig,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+            args=args,
+            run=run,
+        )
+    except SIGTERMException:
+        print("[train] stopped by SIGTERM", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signal.SIGTERM) from None

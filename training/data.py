@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -124,6 +125,7 @@ class ImageDataModule(LightningDataModule, abc.ABC):
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
         self.start_epoch = 0
+        self.start_batch = 0
 
     @abc.abstractmethod
     def load(self, train: bool) -> Dataset:
@@ -138,17 +140,24 @@ class ImageDataModule(LightningDataModule, abc.ABC):
             self.test_set = self.load(train=False)
 
     def state_dict(self) -> dict[str, int]:
-        """The epoch a resumed fit starts in (saved in checkpoints)."""
-        return {"epoch": self.trainer.fit_loop.epoch_progress.current.processed}
+        """Where a resumed fit starts (saved in checkpoints): the epoch, and the training batches of it already
+        trained on (0 at an epoch end)."""
+        epochs = self.trainer.fit_loop.epoch_progress.current
+        inside = epochs.started > epochs.processed  # an epoch is running: the checkpoint is from inside it
+        batches = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if inside else 0
+        return {"epoch": epochs.processed, "batch": batches}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self.start_epoch = state_dict["epoch"]
+        self.start_batch = state_dict.get("batch", 0)  # checkpoints from before mid-epoch saves: epoch ends
+        # train_dataloader resumes inside the epoch from this state, which Lightning's check cannot see.
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
 
     def train_dataloader(self) -> DataLoader:
         # Order and augmentations depend only on (seed, epoch, index), so resuming repeats them exactly.
         # A resumed fit creates its first iterator (and workers prefetch indices) before Lightning calls
-        # set_epoch, hence the epoch from the checkpoint; the loader's own generator keeps iterator
-        # creation from drawing on the global RNG.
+        # set_epoch, hence the epoch from the checkpoint, and it continues that epoch after the batches it
+        # had trained on; the loader's own generator keeps iterator creation from drawing on the global RNG.
         trainer = self.trainer
         sampler = EpochSampler(
             self.train_set,
@@ -156,7 +165,7 @@ class ImageDataModule(LightningDataModule, abc.ABC):
             rank=trainer.global_rank if trainer else 0,
             seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),
         )
-        sampler.set_epoch(self.start_epoch)
+        sampler.resume_at(self.start_epoch, self.start_batch * self.batch_size)
         return DataLoader(
             Transformed(self.train_set, self.train_tf),
             batch_size=self.batch_size,

@@ -8,6 +8,7 @@ The loaders return raw samples (a uint8 image tensor (C, h, w) or a PIL image, a
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -60,12 +61,26 @@ class EpochSampler(DistributedSampler):
     """`DistributedSampler` (shuffled by seed + epoch) that yields ``(index, sample_seed)`` keys for `Transformed`.
 
     Being a DistributedSampler, Lightning neither replaces it under DDP nor forgets to call
-    ``set_epoch``; with ``num_replicas=1`` it is a seeded per-epoch shuffle.
+    ``set_epoch``; with ``num_replicas=1`` it is a seeded per-epoch shuffle. `resume_at` starts one epoch
+    part-way, for a fit resumed inside it.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.resume = (-1, 0)  # (epoch, samples of this replica to skip in it)
+
+    def resume_at(self, epoch: int, start: int) -> None:
+        """Set the epoch, and start it at this replica's ``start``-th sample (the ones before it were trained on
+        before an interruption); later epochs start at 0."""
+        if start < 0 or start > self.num_samples:
+            raise ValueError(f"start={start} must be in [0, {self.num_samples}] (this replica's samples per epoch)")
+        self.set_epoch(epoch)
+        self.resume = (epoch, start)
+
     def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+        start = self.resume[1] if self.resume[0] == self.epoch else 0
         # hash() of a tuple of ints is the same in every process (PYTHONHASHSEED only salts str/bytes).
-        return ((i, hash((self.seed, self.epoch, i))) for i in super().__iter__())
+        return ((i, hash((self.seed, self.epoch, i))) for i in itertools.islice(super().__iter__(), start, None))
 
 
 class Transformed(Dataset):

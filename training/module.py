@@ -169,17 +169,19 @@ class ImageClassifier(LightningModule):
         """Images (B, C, r, r) -> logits (B, num_classes)."""
         return self.net(x)
 
-    def on_train_epoch_start(self) -> None:
-        # Model-side randomness (dropout, drop path, mixup) restarts from (seed, epoch, rank) each epoch,
-        # so an epoch runs the same whether or not training was resumed before it; the data side is
-        # seeded per sample by training.datasets.EpochSampler. Unseeded runs (no seed_everything) are left alone.
+    def on_train_batch_start(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        # Model-side randomness (dropout, drop path, mixup) restarts from (seed, epoch, batch, rank) at each
+        # batch, so a step runs the same whether or not training was resumed before it, also inside an epoch;
+        # the data side is seeded per sample by training.datasets.EpochSampler. Unseeded runs (no
+        # seed_everything) are left alone.
         seed = os.environ.get("PL_GLOBAL_SEED")
         if seed is not None:
-            state = np.random.SeedSequence([int(seed), self.current_epoch, self.global_rank]).generate_state(2)
-            epoch_seed = int(state[0]) << 32 | int(state[1])
-            random.seed(epoch_seed)
+            key = [int(seed), self.current_epoch, batch_idx, self.global_rank]
+            state = np.random.SeedSequence(key).generate_state(2)
+            batch_seed = int(state[0]) << 32 | int(state[1])
+            random.seed(batch_seed)
             np.random.seed(int(state[0]))
-            torch.manual_seed(epoch_seed)
+            torch.manual_seed(batch_seed)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch

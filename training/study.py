@@ -17,25 +17,33 @@ is tested with its final weights (the EMA weights when EMA is on): checkpoint se
 split. RoPE variants without a ``rope_recipe`` are tested once per entry of ``resolution_modes``; every test
 covers each protocol x resolution. A rerun of the same command skips finished steps and resumes unfinished
 fits from last.ckpt; the arguments of each fit are recorded in ``run.json`` before it starts, and a run
-folder whose recorded arguments differ is refused. The study folder is locked while a study runs in it, and
-a run's subprocess dies with the study (Linux parent-death signal). The report goes to
-``<output_dir>/results.json``, ``results.md`` and ``accuracy_vs_resolution.png`` (`training.report`).
+folder whose recorded arguments differ is refused. A fit counts as finished only when it ran to the end of
+its budget (`training.checkpoint.fit_completed`), whatever its exit status. The study folder is locked while
+a study runs in it. Each run's subprocess runs in a process group of its own, with its DDP ranks and data
+workers: SIGINT (Ctrl-C) or SIGTERM to the study asks the running fits to save last.ckpt and stop (killed
+after `STOP_GRACE_SECONDS`, or at once on a second Ctrl-C), starts no queued run, and exits with status 130;
+a kill -9 of the study takes every process of its runs with it (Linux parent-death signal, passed on to the
+DDP ranks). The report goes to ``<output_dir>/results.json``, ``results.md`` and
+``accuracy_vs_resolution.png`` (`training.report`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 from jsonargparse.typing import Path_fr
@@ -43,13 +51,15 @@ from jsonargparse.typing import Path_fr
 import vit
 from ndrope.modules import ResolutionMode
 
-from .checkpoint import RunFolderLock
-from .cli import cli_main
+from .checkpoint import FIT_COMPLETED, RunFolderLock, check_folder, checkpoint_dir, fit_completed
+from .cli import PARENT_PID_ENV, cli_main, die_with
 from .data import check_protocols
 from .report import atomic_write, write_study_report
 from .transforms import EvalProtocol
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
+T = TypeVar("T")
+R = TypeVar("R")
 #: Options the study sets for each run itself; in ``fit_args`` they would silently break the run layout.
 RESERVED_FIT_OPTIONS = (
     "--config", "--trainer.default_root_dir", "--seed_everything", "--ckpt_path", "--model.eval_resolutions",
@@ -141,43 +151,128 @@ def modes_for(net: dict[str, Any], resolution_modes: Sequence[str] | None) -> li
     return [mode for mode in resolution_modes or () if mode in applicable] or [None]
 
 
-def _die_with_parent(parent: int) -> Callable[[], None]:
-    """preexec_fn: the child gets SIGKILL when the study process dies (Linux PR_SET_PDEATHSIG)."""
+#: Seconds a run gets to save last.ckpt and exit after the study asks it to stop, before it is killed.
+STOP_GRACE_SECONDS = 60
 
-    def set_signal() -> None:
-        import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
+class RunProcesses:
+    """The train.py subprocesses a study is running, each in a process group of its own (with its DDP ranks and
+    data workers): `stop_all` stops them together, after which `start` starts no more."""
 
-    return set_signal
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: set[subprocess.Popen] = set()
+        self.stopping = False
+
+    def start(self, command: list[str], env: dict[str, str], **popen: Any) -> subprocess.Popen:
+        """Start ``command`` (``popen``: more `subprocess.Popen` arguments, e.g. ``stdout``); it dies with this
+        process (Linux parent-death signal, passed on to DDP ranks)."""
+        with self._lock:
+            if self.stopping:
+                raise RuntimeError("[study] stopping: no new run is started")
+            child = subprocess.Popen(command, env={**env, PARENT_PID_ENV: str(os.getpid())}, start_new_session=True,
+                                     preexec_fn=functools.partial(die_with, os.getpid()), **popen)
+            self._running.add(child)
+        return child
+
+    def finish(self, child: subprocess.Popen, grace: float = STOP_GRACE_SECONDS) -> None:
+        """Make sure ``child`` and its process group are gone: SIGTERM if it still runs (a fit saves last.ckpt and
+        exits), then SIGKILL for whatever is left after ``grace`` seconds (or a second interrupt)."""
+        try:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+                try:
+                    child.wait(grace)
+                except subprocess.TimeoutExpired:
+                    pass
+        finally:
+            try:
+                os.killpg(child.pid, signal.SIGKILL)  # leftovers: DDP ranks, data workers, or the child itself
+            except ProcessLookupError:
+                pass
+            child.wait()
+            with self._lock:
+                self._running.discard(child)
+
+    def stop_all(self, grace: float = STOP_GRACE_SECONDS) -> int:
+        """Start no more runs and stop the running ones together, as `finish`; returns how many were running."""
+        with self._lock:
+            self.stopping = True
+            children = list(self._running)
+        deadline = time.monotonic() + grace
+        try:
+            for child in children:
+                if child.poll() is None:
+                    child.send_signal(signal.SIGTERM)
+            for child in children:
+                self.finish(child, max(0.0, deadline - time.monotonic()))
+        finally:
+            for child in children:
+                self.finish(child, 0.0)
+        return len(children)
+
+
+_processes = RunProcesses()
 
 
 def _run(args: list[str], what: str, threads: int | None = None) -> float:
     """Run ``train.py args`` in a subprocess with the output passed through; returns its wall time in seconds.
 
     ``threads``: the subprocess's CPU threads (``OMP_NUM_THREADS``) unless the environment sets them.
-    The subprocess dies with this process (parent-death signal on Linux; on an exception here it is killed).
+    The subprocess and its process group die with this process (`RunProcesses`); when this call is interrupted,
+    the subprocess is asked to stop (a fit saves last.ckpt) and killed after `STOP_GRACE_SECONDS`.
     """
     command = [sys.executable, os.fspath(TRAIN_SCRIPT), *args]
     print(f"[study] {what}: {shlex.join(command)}", flush=True)
     start = time.perf_counter()
-    preexec = _die_with_parent(os.getpid()) if sys.platform.startswith("linux") else None
     env = dict(os.environ)
     if threads is not None:
         env.setdefault("OMP_NUM_THREADS", str(threads))
-    child = subprocess.Popen(command, preexec_fn=preexec, env=env)
+    child = _processes.start(command, env)
     try:
         code = child.wait()
     finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+        _processes.finish(child)
     if code:
         raise RuntimeError(f"[study] {what} failed (exit code {code}); run the study command again to resume")
     return time.perf_counter() - start
+
+
+def _in_parallel(fn: Callable[[T], R], items: Sequence[T], jobs: int) -> list[R]:
+    """``[fn(item) for item in items]``, ``jobs`` at a time in threads (so that the main thread only waits and
+    takes interrupts); the first error is raised once every item has run. On an interrupt the queued items are
+    cancelled at once."""
+    pool = ThreadPoolExecutor(jobs)
+    try:
+        futures = [pool.submit(fn, item) for item in items]
+        wait(futures)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    errors = [f.exception() for f in futures if f.exception() is not None]
+    if errors:
+        raise errors[0]
+    return [f.result() for f in futures]
+
+
+@contextmanager
+def _stop_runs_on_interrupt() -> Iterator[None]:
+    """While the study runs, SIGTERM is handled as SIGINT (KeyboardInterrupt); on either, the running runs are
+    stopped together (fits save last.ckpt) and no queued run starts."""
+    _processes.stopping = False
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if main else None
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"[study] interrupted: stopping the running runs (each saves last.ckpt; killed after "
+              f"{STOP_GRACE_SECONDS} s, or now on a second Ctrl-C); no queued run starts", file=sys.stderr, flush=True)
+        stopped = _processes.stop_all()
+        print(f"[study] stopped {stopped} running process(es); run the same command again to resume",
+              file=sys.stderr, flush=True)
+        raise
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def run_study(
@@ -233,8 +328,8 @@ def run_study(
         raise ValueError(f"resolution_modes={list(resolution_modes)} must not repeat a mode")
     eval_protocols = check_protocols(eval_protocols)
     configs = [os.fspath(path) for path in fit_config]
-    output = Path(output_dir)
-    lock = RunFolderLock(output, "study folder") if not dry_run else None
+    output = check_folder(output_dir, "output_dir")
+    lock = RunFolderLock(output, "study folder", "output_dir") if not dry_run else None
     try:
         _preflight(configs, variants, seeds, eval_resolutions, eval_protocols, variant_net_args, fit_args, output)
         planned = []
@@ -256,16 +351,8 @@ def run_study(
             return _train_and_test(variant, seed, run_dir, fit, modes, eval_resolutions, eval_protocols, test_args,
                                    threads)
 
-        if jobs == 1:
-            outcomes = [one(plan) for plan in planned]
-        else:
-            with ThreadPoolExecutor(jobs) as pool:
-                futures = [pool.submit(one, plan) for plan in planned]
-                wait(futures)
-            errors = [f.exception() for f in futures if f.exception() is not None]
-            if errors:
-                raise errors[0]
-            outcomes = [f.result() for f in futures]
+        with _stop_runs_on_interrupt():
+            outcomes = _in_parallel(one, planned, jobs)
         runs = [record for records, _ in outcomes for record in records]
         run_seconds = sum(seconds for _, seconds in outcomes)
         train_resolutions = {run["train_resolution"] for run in runs}
@@ -343,11 +430,20 @@ def _train_and_test(
     else:
         atomic_write(started, json.dumps({"args": fit}, indent=2) + "\n")
     fit_record = run_dir / "fit.json"
-    if not fit_record.exists():
-        resume = ["--ckpt_path", "last"] if (run_dir / "checkpoints" / "last.ckpt").exists() else []
+    if not fit_completed(run_dir):
+        resume = ["--ckpt_path", "last"] if (Path(checkpoint_dir(run_dir)) / "last.ckpt").exists() else []
+        fit_record.unlink(missing_ok=True)
         seconds = _run(fit + resume, f"fit {variant} seed {seed}", threads=threads)
         spent += seconds
+        if not fit_completed(run_dir):
+            raise RuntimeError(
+                f"[study] fit {variant} seed {seed} exited without finishing its budget (no {FIT_COMPLETED} for "
+                f"its last.ckpt in {checkpoint_dir(run_dir)}); run the study command again to resume"
+            )
         atomic_write(fit_record, json.dumps({"seconds": seconds, "args": fit, "resumed": bool(resume)}, indent=2) + "\n")
+    elif not fit_record.exists():  # the study stopped between the end of the fit and this record
+        seconds = json.loads((Path(checkpoint_dir(run_dir)) / FIT_COMPLETED).read_text())["seconds"]
+        atomic_write(fit_record, json.dumps({"seconds": seconds, "args": fit, "resumed": True}, indent=2) + "\n")
     records = []
     for mode in modes:
         eval_path = run_dir / ("test" if mode is None else f"test-{mode}") / "eval.json"
@@ -394,14 +490,18 @@ def _tested(eval_path: Path, checkpoint: Path, mode: str | None, eval_resolution
 def main(args: Sequence[str] | None = None) -> dict[str, Path] | None:
     """``python -m training.study --config configs/study_<name>.yaml [--<argument> <value> ...] [-- FIT OPTIONS]``:
     `run_study` with its arguments from study YAML files (composed in order) and the command line; the options
-    after ``--`` are ``fit_args``. Returns the report files (None for a dry run)."""
+    after ``--`` are ``fit_args``. Returns the report files (None for a dry run); exits with status 130 when
+    interrupted (SIGINT or SIGTERM)."""
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", action=ActionConfigFile, help="a study YAML file, e.g. configs/study_*.yaml")
     parser.add_function_arguments(run_study, skip={"fit_args"}, as_group=False)
     parser.add_argument("fit_args", nargs="*", default=[], help="train.py fit options for every run, after `--`")
     config = parser.parse_args(args).as_dict()
     config.pop("config", None)
-    return run_study(**config)
+    try:
+        return run_study(**config)
+    except KeyboardInterrupt:
+        raise SystemExit(128 + signal.SIGINT) from None
 
 
 if __name__ == "__main__":
