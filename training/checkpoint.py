@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
-from .report import atomic_write
+from .files import atomic_write
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -1,6 +1,6 @@
-"""Result files: atomic writes, the multi-resolution eval report, and the study report (JSON, markdown, PNG).
+"""Result files: the multi-resolution eval report and the study report (JSON, markdown, PNG).
 
-Every file is written whole or not at all (temp file in the same folder, fsync, ``os.replace``). The
+Every file is written whole or not at all (`training.files.atomic_write`). The
 study report's three files are one unit: they are written into a fresh hidden folder
 ``.report-<id>/`` and published by replacing one symlink, ``.report-current``, through which
 ``results.json``, ``results.md`` and ``accuracy_vs_resolution.png`` (symlinks themselves) resolve. A
@@ -16,11 +16,12 @@ import json
 import os
 import shutil
 import statistics
-import tempfile
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from .files import atomic_write, fsync_dir, markdown_table
 
 METRIC_TITLES = {"top1": "top-1", "top5": "top-5"}
 PROTOCOL_TEXT = {
@@ -31,51 +32,6 @@ PROTOCOL_TEXT = {
 }
 REPORT_FILES = ("results.json", "results.md", "accuracy_vs_resolution.png")
 CURRENT = ".report-current"
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
-    """Write ``data`` to ``path`` through a temp file in the same folder, fsync and ``os.replace``.
-
-    On any error (disk full, interrupt) the previous content of ``path`` is untouched and the temp file
-    is removed; temp files that a killed writer of the same path left behind are removed first.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        try:
-            _write_all(fd, data.encode() if isinstance(data, str) else data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _replace_symlink(link: Path, target: str) -> None:
@@ -104,7 +60,7 @@ def write_report_files(folder: str | os.PathLike, files: dict[str, str | bytes])
             if not (link.is_symlink() and os.readlink(link) == f"{CURRENT}/{name}"):
                 _replace_symlink(link, f"{CURRENT}/{name}")
         _replace_symlink(current, version.name)  # the one step that publishes all files together
-        _fsync_dir(folder)
+        fsync_dir(folder)
     except BaseException:
         if not (folder / CURRENT).is_symlink() or os.readlink(folder / CURRENT) != version.name:
             shutil.rmtree(version, ignore_errors=True)
@@ -124,13 +80,6 @@ def _clean_report_folder(folder: Path) -> None:
     for entry in folder.glob(".*.tmp"):
         if entry.is_symlink() or entry.is_file():
             entry.unlink(missing_ok=True)
-
-
-def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """A GitHub markdown table; numbers are right-aligned."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|"]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
 
 
 def _metric_names(records: Iterable[dict[str, float]]) -> list[str]:
