@@ -355,11 +355,8 @@ class TestAtomicReports:
 
 
 REPORT_WRITER = """
-import importlib.util, sys
-spec = importlib.util.spec_from_file_location("report", "training/report.py")  # without the heavy package imports
-report = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(report)
-write_report_files = report.write_report_files
+import sys
+from training.report import write_report_files  # training/__init__ imports lightning only on first use
 folder = sys.argv[1]
 print("ready", flush=True)
 i = 0
