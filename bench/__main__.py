@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import platform
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +21,7 @@ import torch
 import ndrope
 import ndrope._kernel
 import ndrope._ops
+from training.files import atomic_write
 
 from . import rotary, vit_step
 from .timing import warm_allocator
@@ -157,20 +157,6 @@ def _print_vit(rows: list[dict[str, Any]]) -> None:
         print(f"{row} {verdict:8} {counts}")
 
 
-def _write_json(path: str, payload: dict[str, Any]) -> None:
-    """Write atomically: a temporary file in the same directory, then os.replace."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".bench-", suffix=".json")
-    try:
-        with os.fdopen(handle, "w") as file:
-            json.dump(payload, file, indent=2)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parser().parse_args(argv)
     # torch.compile imports cpp_extension, which warns about CUDA_HOME on CPU-only machines
@@ -230,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if others > 0.5:  # this run itself keeps about torch_threads cores busy
         print("warning: other processes were busy on this machine; ratios measured while they ran are unreliable")
     if args.out:
-        _write_json(args.out, payload)
+        atomic_write(args.out, json.dumps(payload, indent=2))
         print(f"wrote {args.out}")
     return payload
 

@@ -9,6 +9,8 @@
   with `ndrope.multimodal_positions` and a 3-axis M-RoPE against flat 1D positions and none.
 
 Run each from the repository root, e.g. ``python -m examples.text_lm``; each writes
-``reports/<example>/`` (a Markdown and a JSON table and a PNG plot). `examples.common` holds what the
-three share: the transformer block, training helpers and the report writer.
+``reports/<example>/`` (a Markdown and a JSON table and a PNG plot). The models are built from the
+library (`vit.RopeBlock` / `vit.RopeAttention`, `vit.create_vit`, `ndrope`); `examples.common` holds
+what the three share besides it: command-line options, the training loop (`training.schedule`), the
+Fashion-MNIST reader (`training.idx`) and the report writer (`training.files`).
 """

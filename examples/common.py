@@ -1,7 +1,7 @@
-"""What the three examples share: a small transformer whose attention takes `ndrope` rotations, a
-training loop, the Fashion-MNIST reader, and the report writer (Markdown + JSON table, PNG plot).
-
-Shape alphabet: B batch, H heads, N tokens, C width, D = C / H channels per head, P rotated pairs.
+"""What the three examples share besides the library: their command-line options, the training loop
+(AdamW with `training.schedule.warmup_cosine`), the Fashion-MNIST reader (`training.idx`) and the
+report (Markdown + JSON table written by `training.files`, PNG plot), and the transformer blocks of
+the text and multimodal models (`vit.RopeBlock`). No lightning.
 """
 
 from __future__ import annotations
@@ -14,19 +14,20 @@ import os
 import platform
 import shlex
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-import ndrope
 from training import idx
+from training.files import atomic_write, markdown_table
+from training.schedule import warmup_cosine
+from vit import RopeAttention, RopeBlock
 
 #: Where the Debian-style Fashion-MNIST install lives (gzip IDX files).
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
@@ -59,12 +60,13 @@ def command_line(module: str, argv: Sequence[str] | None) -> str:
     return " ".join(["python", "-m", module, *map(shlex.quote, args)])
 
 
-def cosine_lr(step: int, steps: int, lr: float, warmup: int) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine decay to 10% of ``lr`` at ``steps``."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+# ----------------------------------------------------------------------------- training
+
+
+#: AdamW weight decay, applied to weight matrices only (not to biases, norms or RoPE frequencies).
+WEIGHT_DECAY = 0.05
+#: `warmup_cosine` decays the learning rate to this fraction of ``lr``.
+MIN_LR_RATIO = 0.1
 
 
 def train(
@@ -74,12 +76,12 @@ def train(
     *,
     steps: int,
     lr: float,
-    weight_decay: float = 0.05,
-    warmup: int | None = None,
     log_every: int = 0,
     name: str = "",
 ) -> list[float]:
-    """AdamW with warm-up + cosine decay and gradient clipping at 1; returns the loss of every step.
+    """AdamW (betas 0.9, 0.95) with gradient clipping at 1 and `training.schedule.warmup_cosine` per step
+    (linear warm-up over the first 5% of the steps, cosine decay to ``MIN_LR_RATIO * lr``); returns the
+    loss of every step.
 
     ``batches`` yields as many batches as ``steps`` asks for; ``loss_fn(model, batch)`` returns a scalar.
     """
@@ -88,17 +90,18 @@ def train(
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2 and "freqs" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and (p.dim() < 2 or "freqs" in n)]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
         lr=lr,
         betas=(0.9, 0.95),
     )
-    warmup = max(1, steps // 20) if warmup is None else warmup
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(warmup_cosine, warmup_steps=warmup, total_steps=steps, min_ratio=MIN_LR_RATIO)
+    )
     model.train()
     losses = []
     start = time.perf_counter()
     for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, steps, lr, warmup)
         loss = loss_fn(model, next(batches))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{name}: loss became {loss.item()} at step {step}; lower the learning rate")
@@ -106,6 +109,7 @@ def train(
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        schedule.step()
         losses.append(loss.item())
         if log_every and (step % log_every == 0 or step == steps - 1):
             recent = losses[-log_every:]
@@ -118,87 +122,26 @@ def train(
     return losses
 
 
-# ----------------------------------------------------------------------------- the transformer
+# ----------------------------------------------------------------------------- model
 
 
-def rotation(positions: Tensor, freqs: Tensor) -> tuple[Tensor, Tensor]:
-    """(cos, sin) in float32 of the angles ``positions @ freqs``, computed once per forward.
-
-    positions (N, A) or (B, N, A); freqs (A, P) shared by the heads. Returns (N, P) or (B, 1, N, P),
-    which broadcast against q, k (B, H, N, D).
+def rope_blocks(dim: int, depth: int, num_heads: int) -> nn.ModuleList:
+    """``depth`` pre-norm blocks, each `vit.RopeBlock` with `vit.RopeAttention` (qkv bias, ``nn.LayerNorm``,
+    MLP ratio 4), whose forward ``block(x, rope=..., attn_mask=...)`` takes x (B, N, C) and the rotation and
+    additive logit mask computed once per forward. Linear weights start from a normal of std 0.02
+    (`nn.init.trunc_normal_`, bounds +-2), biases at zero.
     """
-    cos, sin = ndrope.cos_sin(ndrope.angles(positions, freqs))
-    if positions.dim() == 3:
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return cos.float(), sin.float()
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention that applies what it is handed: a rotation for q and k
-    (`ndrope.apply_rotary`), an additive bias on the logits (ALiBi), and/or a causal mask."""
-
-    def __init__(self, dim: int, num_heads: int) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(
-        self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, bias: Tensor | None = None, causal: bool = False
-    ) -> Tensor:
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)  # B, H, N, D
-        if rope is not None:
-            q = ndrope.apply_rotary(q, rope, layout="half")
-            k = ndrope.apply_rotary(k, rope, layout="half")
-        if bias is not None and causal:
-            future = torch.ones(N, N, dtype=torch.bool, device=x.device).triu(1)
-            bias = bias.masked_fill(future, float("-inf"))
-            causal = False
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=causal)
-        return self.proj(out.transpose(1, 2).reshape(B, N, C))
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
-        super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = Attention(dim, num_heads)
-        hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
-
-    def forward(
-        self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, bias: Tensor | None = None, causal: bool = False
-    ) -> Tensor:
-        x = x + self.attn(self.norm1(x), rope, bias, causal)
-        return x + self.mlp(self.norm2(x))
-
-
-class Transformer(nn.Module):
-    """``depth`` blocks sharing one rotation / bias per forward, then a final LayerNorm. x (B, N, C)."""
-
-    def __init__(self, dim: int, depth: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim)
-        self.apply(_init_weights)
-
-    def forward(
-        self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, bias: Tensor | None = None, causal: bool = False
-    ) -> Tensor:
-        for block in self.blocks:
-            x = block(x, rope, bias, causal)
-        return self.norm(x)
-
-
-def _init_weights(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        nn.init.zeros_(module.bias)
+    if dim % num_heads:
+        raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
+    blocks = nn.ModuleList(
+        RopeBlock(dim, num_heads, qkv_bias=True, norm_layer=nn.LayerNorm, attn_layer=RopeAttention)
+        for _ in range(depth)
+    )
+    for module in blocks.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+    return blocks
 
 
 # ----------------------------------------------------------------------------- data
@@ -241,34 +184,16 @@ def load_fashion_mnist(root: str | os.PathLike, split: str) -> tuple[Tensor, Ten
 # ----------------------------------------------------------------------------- reports
 
 
-def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and `os.replace`, so a
-    reader (or a crash) never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _cell(value: Any) -> str:
     if isinstance(value, float):
         return "n/a" if math.isnan(value) else f"{value:.3f}"
     return str(value)
 
 
-def markdown_table(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
-    """A GitHub Markdown table of ``rows`` (dicts) restricted to ``columns``; floats with 3 decimals."""
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+def report_table(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
+    """The Markdown table (`training.files.markdown_table`) of ``rows`` (dicts) restricted to ``columns``;
+    floats with 3 decimals, NaN as ``n/a``."""
+    return markdown_table(columns, [[_cell(row.get(c, "")) for c in columns] for row in rows])
 
 
 def write_report(
@@ -299,7 +224,7 @@ def write_report(
     md = (
         f"# {title}\n\nCommand: `{command}`\n\nWall time: {wall_time_s:.0f} s, process CPU time: "
         f"{cpu_time_s:.0f} s ({environment})\n\n"
-        f"{markdown_table(columns, rows)}\n{notes.strip()}\n"
+        f"{report_table(columns, rows)}\n{notes.strip()}\n"
     )
     record = {
         "title": title,

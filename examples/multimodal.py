@@ -6,9 +6,9 @@ The answer is the class of the garment in that quadrant (10 classes). Four garme
 seeing which garments are there is not enough: the model must tie the words "top left" to where
 the patches are (a model that picks one of the four at random scores about 25% + luck).
 
-One transformer reads the packed sequence [16 image patches, 5 text tokens], with q and k rotated by
-`ndrope`, and answers from the output of the last token ("?"). Three position schemes, same model,
-budget, batches and seeds otherwise:
+One transformer (`vit.RopeBlock` with `vit.RopeAttention`) reads the packed sequence [16 image
+patches, 5 text tokens], with q and k rotated by `ndrope`, and answers from the output of the last
+token ("?"). Three position schemes, same model, budget, batches and seeds otherwise:
 
 * ``mrope``: ``ndrope.multimodal_positions([(1, 4, 4), 5], n_axes=3)`` with a 3-axis (t, h, w) axial
   RoPE, the Qwen2-VL M-RoPE rule: patches get (s, s + row, s + col), text tokens the same index on
@@ -42,11 +42,10 @@ import ndrope
 from .common import (
     FASHION_CLASSES,
     FASHION_MNIST_ROOT,
-    Transformer,
     add_run_arguments,
     command_line,
     load_fashion_mnist,
-    rotation,
+    rope_blocks,
     setup_torch,
     train,
     write_report,
@@ -114,7 +113,8 @@ class PackedClassifier(nn.Module):
         self.patch_embed = nn.Linear(PATCH * PATCH, dim)
         self.word_embed = nn.Embedding(len(VOCAB), dim)
         self.modality = nn.Parameter(torch.zeros(2, dim))  # image, text
-        self.transformer = Transformer(dim, depth, num_heads)
+        self.blocks = rope_blocks(dim, depth, num_heads)
+        self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, len(FASHION_CLASSES))
         n_axes = 3 if positions == "mrope" else 1
         freqs = ndrope.axial_frequencies(dim // num_heads, n_axes, theta=theta, dtype=torch.float64)  # A, P
@@ -131,9 +131,11 @@ class PackedClassifier(nn.Module):
         patches = mosaics.view(B, GRID[0], PATCH, GRID[1], PATCH).permute(0, 1, 3, 2, 4).reshape(B, -1, PATCH * PATCH)
         x = torch.cat((self.patch_embed(patches) + self.modality[0], self.word_embed(tokens) + self.modality[1]), 1)
         rope = None
-        if self.positions != "none":
-            rope = rotation(self.token_positions(tokens.shape[1]).to(x.device), self.freqs)  # N, P
-        return self.head(self.transformer(x, rope=rope)[:, -1])
+        if self.positions != "none":  # (cos, sin), each (N, P), once per forward
+            rope = ndrope.cos_sin(ndrope.angles(self.token_positions(tokens.shape[1]).to(x.device), self.freqs))
+        for block in self.blocks:
+            x = block(x, rope=rope)
+        return self.head(self.norm(x)[:, -1])
 
 
 def answer_loss(model: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:

@@ -16,12 +16,15 @@ held-out bytes cut into windows of that length (every token of every window coun
 * ``rope``: RoPE, ``ndrope.axial_frequencies(head_dim, 1, theta=...)`` rotating q and k, evaluated as is,
   then with eval-time context scaling at ``s = length / context``: position interpolation (``+pi``,
   positions divided by s), NTK-aware scaling (``+ntk``, ``ndrope.ntk_scaled_frequencies``) and YaRN
-  (``+yarn``, ``ndrope.recipes.yarn``; skipped and reported missing where ``ndrope.recipes`` is absent);
+  (``+yarn``, ``ndrope.recipes.yarn``);
 * ``p-rope``: p-RoPE (Barbero et al., 2024): only the fastest fraction ``p`` of the frequencies
   rotate, the slowest ``1 - p`` are set to 0 (those channels carry no position).
 
     python -m examples.text_lm                     # default budget, writes reports/text_lm/
     python -m examples.text_lm --steps 50 --eval-bytes 8192  # a smoke run
+
+The model is built from the library: `vit.RopeBlock` / `vit.RopeAttention` (timm's pre-norm block,
+which applies the rotation and the logit bias it is handed), `vit.sincos_embed` and `vit.AlibiBias`.
 
 Shape alphabet: B batch, N tokens, C width, H heads, D head dim, P = D // 2 pairs.
 """
@@ -41,18 +44,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import ndrope
+from ndrope import recipes
+from vit import AlibiBias, sincos_embed
 
-from .common import Transformer, add_run_arguments, command_line, rotation, setup_torch, train, write_report
+from .common import add_run_arguments, command_line, rope_blocks, setup_torch, train, write_report
 
 Encoding = Literal["nope", "learned", "sinusoidal", "alibi", "rope", "p-rope"]
 #: Every position encoding the example trains, in table order.
 ENCODINGS: tuple[str, ...] = get_args(Encoding)
 Scaling = Literal["none", "pi", "ntk", "yarn"]
-#: Eval-time context scaling applied to the RoPE model (``none`` = RoPE as trained). ``pi`` and ``ntk``
-#: use the core (`ndrope.grid` with ``reference_shape``, `ndrope.ntk_scaled_frequencies`); ``yarn``
-#: needs `ndrope.recipes` (`RECIPE_SCALINGS`) and is skipped, and reported missing, without it.
+#: Eval-time context scaling applied to the RoPE model (``none`` = RoPE as trained): ``pi`` and ``ntk``
+#: from the core (`ndrope.grid` with ``reference_shape``, `ndrope.ntk_scaled_frequencies`), ``yarn``
+#: from `ndrope.recipes`.
 SCALINGS: tuple[str, ...] = get_args(Scaling)
-RECIPE_SCALINGS: tuple[str, ...] = ("yarn",)
 #: Eval lengths as multiples of the training context.
 LENGTH_FACTORS: tuple[int, ...] = (1, 2, 4, 8)
 
@@ -102,13 +106,9 @@ def random_windows(data: Tensor, length: int, batch: int, seed: int) -> Iterator
 # ----------------------------------------------------------------------------- model
 
 
-def recipes_available() -> bool:
-    """Whether this `ndrope` has the named recipes (`ndrope.recipes`, for YaRN)."""
-    try:
-        import ndrope.recipes  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def causal_mask(n: int, device: torch.device) -> Tensor:
+    """Additive logit mask (N, N): 0 where key j <= query i, -inf above the diagonal (the future)."""
+    return torch.full((n, n), float("-inf"), device=device).triu(1)
 
 
 class ByteLM(nn.Module):
@@ -133,21 +133,19 @@ class ByteLM(nn.Module):
             raise ValueError(f"encoding={encoding!r} is not supported; choose one of {list(ENCODINGS)}")
         if not 0.0 < p <= 1.0:
             raise ValueError(f"p={p} must be in (0, 1] (the fraction of RoPE frequencies kept by p-RoPE)")
-        head_dim = dim // num_heads
-        self.encoding, self.context, self.num_heads, self.theta = encoding, context, num_heads, theta
+        self.encoding, self.context, self.theta = encoding, context, theta
         self.scaling: Scaling = "none"
         self.embed = nn.Embedding(256, dim)
-        self.transformer = Transformer(dim, depth, num_heads)
+        self.blocks = rope_blocks(dim, depth, num_heads)
+        self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, 256)
         self.table = nn.Parameter(torch.randn(context, dim) * 0.02) if encoding == "learned" else None
-        freqs = ndrope.axial_frequencies(head_dim, 1, theta=theta, dtype=torch.float64)  # (1, P)
+        self.alibi = AlibiBias(num_heads) if encoding == "alibi" else None
+        freqs = ndrope.axial_frequencies(dim // num_heads, 1, theta=theta, dtype=torch.float64)  # (1, P)
         if encoding == "p-rope":
             keep = round(p * freqs.shape[-1])
             freqs[:, keep:] = 0.0  # the slowest 1 - p frequencies: NoPE channels
         self.register_buffer("freqs", freqs, persistent=False)
-        self.register_buffer("sinusoid_freqs", ndrope.axial_frequencies(dim, 1, dtype=torch.float64), persistent=False)
-        # ALiBi slopes 2^(-8h/H), h = 1..H (Press et al., 2022)
-        self.register_buffer("slopes", torch.exp2(-8.0 * torch.arange(1, num_heads + 1) / num_heads), persistent=False)
 
     def set_scaling(self, scaling: Scaling) -> None:
         """Eval-time context scaling of the RoPE angles beyond ``context`` tokens (RoPE models only)."""
@@ -155,44 +153,40 @@ class ByteLM(nn.Module):
             raise ValueError(f"scaling={scaling!r} is not supported; choose one of {list(SCALINGS)}")
         if scaling != "none" and self.encoding != "rope":
             raise ValueError(f"scaling={scaling!r} applies to the plain RoPE model only, not encoding={self.encoding!r}")
-        if scaling in RECIPE_SCALINGS and not recipes_available():
-            raise ValueError(f"scaling={scaling!r} needs ndrope.recipes, which this ndrope does not have")
         self.scaling = scaling
 
     def rope(self, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """(cos, sin) (N, P) for positions 0..n-1, with the eval-time scaling at s = n / context > 1."""
         scale = n / self.context
-        positions = ndrope.grid((n,), device=device)
+        positions, freqs = ndrope.grid((n,), device=device), self.freqs
         if self.scaling == "none" or scale <= 1:
-            return rotation(positions, self.freqs)
+            return ndrope.cos_sin(ndrope.angles(positions, freqs))
         if self.scaling == "pi":  # position interpolation: i * context / n
-            return rotation(ndrope.grid((n,), reference_shape=(self.context,), device=device), self.freqs)
+            positions = ndrope.grid((n,), reference_shape=(self.context,), device=device)
+            return ndrope.cos_sin(ndrope.angles(positions, freqs))
         if self.scaling == "ntk":
-            return rotation(positions, ndrope.ntk_scaled_frequencies(self.freqs, [scale]))
-        from ndrope import recipes  # yarn
-
+            return ndrope.cos_sin(ndrope.angles(positions, ndrope.ntk_scaled_frequencies(freqs, [scale])))
         recipe = recipes.yarn(
-            2 * self.freqs.shape[-1], factor=scale, original_max_position_embeddings=self.context, theta=self.theta
+            2 * freqs.shape[-1], factor=scale, original_max_position_embeddings=self.context, theta=self.theta
         )
-        cos, sin = rotation(positions, recipe.freqs.to(device))
+        cos, sin = ndrope.cos_sin(ndrope.angles(positions, recipe.freqs.to(device)))
         return cos * recipe.attention_scale, sin * recipe.attention_scale
 
     def forward(self, idx: Tensor) -> Tensor:
         B, N = idx.shape
         x = self.embed(idx)  # B, N, C
-        rope = bias = None
+        rope, mask = None, causal_mask(N, idx.device)
         if self.encoding == "learned":
             x = x + self.table[torch.arange(N, device=idx.device).clamp(max=self.context - 1)]
         elif self.encoding == "sinusoidal":
-            cos, sin = rotation(ndrope.grid((N,), device=idx.device), self.sinusoid_freqs)  # N, C/2
-            x = x + torch.cat((sin, cos), dim=-1)
+            x = x + sincos_embed((N,), x.shape[-1], device=idx.device).to(x.dtype)  # N, C: sin | cos
         elif self.encoding == "alibi":
-            offset = torch.arange(N, device=idx.device)
-            distance = (offset[:, None] - offset[None, :]).clamp(min=0).float()  # i - j for j <= i
-            bias = -self.slopes[:, None, None].float() * distance  # H, N, N
+            mask = mask + self.alibi((N,))  # H, N, N: -slope_h * (i - j) for j <= i
         elif self.encoding in ("rope", "p-rope"):
             rope = self.rope(N, idx.device)
-        return self.head(self.transformer(x, rope=rope, bias=bias, causal=True))
+        for block in self.blocks:
+            x = block(x, rope=rope, attn_mask=mask)
+        return self.head(self.norm(x))
 
 
 def lm_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
@@ -259,9 +253,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
         f"eval {len(eval_files)} files, {eval_data.numel() - 1} B evaluated",
         flush=True,
     )
-    missing = [] if recipes_available() else list(RECIPE_SCALINGS)
-    if missing:
-        print(f"ndrope.recipes is not installed: skipping the eval-time scalings {missing}", flush=True)
     results: dict[str, list[list[float]]] = {}  # row name -> per seed, bpb per length
     train_loss: dict[str, list[float]] = {}
     for encoding in args.encodings:
@@ -282,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 model, batches, lm_loss, steps=args.steps, lr=args.lr, log_every=max(1, args.steps // 4), name=encoding
             )
             train_loss.setdefault(encoding, []).append(sum(losses[-20:]) / len(losses[-20:]) / math.log(2))
-            scalings = [s for s in SCALINGS if s not in missing] if encoding == "rope" else ["none"]
+            scalings = SCALINGS if encoding == "rope" else ("none",)
             for scaling in scalings:
                 model.set_scaling(scaling)
                 name = encoding if scaling == "none" else f"{encoding}+{scaling}"
@@ -315,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     config = {k: v for k, v in vars(args).items() if k not in ("out",)}
     config.update(corpus_dir=str(corpus_dir), train_bytes=train_data.numel(), eval_bytes_used=eval_data.numel() - 1,
-                  eval_files=eval_files, scalings_missing=missing)  # fmt: skip
+                  eval_files=eval_files)  # fmt: skip
     notes = (
         f"Bits per byte on {eval_data.numel() - 1} held-out bytes ({len(eval_files)} stdlib files never trained on), "
         f"cut into windows of each length; every token of a window counts. Trained {args.steps} steps x "
@@ -324,8 +315,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "scale length/context; `+yarn`: `ndrope.recipes.yarn` (factor length/context, with its attention scale). "
         "`learned` reuses its last row beyond the trained context."
     )
-    if missing:
-        notes += f" Not evaluated (no `ndrope.recipes` in this install): {', '.join('+' + m for m in missing)}."
     wall = time.perf_counter() - start
     command = command_line("examples.text_lm", argv)
     write_report(args.out, title="Text: train short, test long (byte LM, Python stdlib)", command=command,

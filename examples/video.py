@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import vit
+
 from .common import (
     FASHION_MNIST_ROOT,
     add_run_arguments,
@@ -144,8 +146,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """Train every position encoding, evaluate at longer clips and larger frames, write the report."""
-    import vit
-
     start = time.perf_counter()
     args = parse_args(argv)
     setup_torch(args.threads)

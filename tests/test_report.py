@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+import training.files
 import training.report
+from training.files import atomic_write
 from training.report import (
     Comparison,
-    atomic_write,
     comparisons,
     paired_differences,
     study_figure,
@@ -339,7 +340,7 @@ class TestPublishing:
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
         write_report_files(tmp_path, {name: f"old {name}" for name in NAMES})
         before = self.contents(tmp_path)
-        real_write_all, calls = training.report._write_all, []
+        real_write_all, calls = training.files._write_all, []
 
         def second_write_fails(fd: int, data: bytes) -> None:
             calls.append(len(data))
@@ -348,7 +349,7 @@ class TestPublishing:
                 raise OSError(errno.ENOSPC, "No space left on device")
             real_write_all(fd, data)
 
-        monkeypatch.setattr(training.report, "_write_all", second_write_fails)
+        monkeypatch.setattr(training.files, "_write_all", second_write_fails)
         with pytest.raises(OSError, match="No space left"):
             write_report_files(tmp_path, {name: f"new {name}" for name in NAMES})
         assert self.contents(tmp_path) == before
@@ -392,10 +393,8 @@ class TestPublishing:
 
 
 REPORT_WRITER = """
-import importlib.util, sys
-spec = importlib.util.spec_from_file_location("report", "training/report.py")  # without the heavy package imports
-report = sys.modules["report"] = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(report)
+import sys
+from training import report  # the package's __init__ loads nothing heavy until asked
 folder = sys.argv[1]
 print("ready", flush=True)
 i = 0

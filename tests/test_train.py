@@ -26,6 +26,7 @@ from interruptions import CrashAtStep, SignalAtStep
 from lightning.pytorch import Callback, LightningModule, Trainer
 from test_data import CONFIGS, QUIET, TINY_NET, accept_fake_cifar, smoke_args
 
+import training.files
 import training.report
 import vit
 from training.checkpoint import RunFolderLock, fit_completed
@@ -431,7 +432,7 @@ def test_failed_checkpoint_write_keeps_previous(data: Path, tmp_path: Path, monk
     """A write that dies halfway (disk full) in epoch 2 leaves epoch 1's last.ckpt whole and no partial file."""
     extra = ["--trainer.max_epochs=2", "--trainer.limit_val_batches=1", "--checkpoint.save_top_k=0"]
     writes = {"n": 0}
-    real_write_all = training.report._write_all
+    real_write_all = training.files._write_all
 
     def failing_write_all(fd: int, data: bytes) -> None:
         if len(data) > 10_000:  # a checkpoint
@@ -441,7 +442,7 @@ def test_failed_checkpoint_write_keeps_previous(data: Path, tmp_path: Path, monk
                 raise OSError(errno.ENOSPC, "No space left on device")
         real_write_all(fd, data)
 
-    monkeypatch.setattr(training.report, "_write_all", failing_write_all)
+    monkeypatch.setattr(training.files, "_write_all", failing_write_all)
     with pytest.raises(OSError, match="No space left"):
         cli_main(["fit", *fashion_args(data, tmp_path, *extra)])
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt"]

@@ -32,7 +32,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint
 
-from .report import atomic_write
+from .files import atomic_write
 
 #: Written next to last.ckpt by `LastCheckpoint` when a fit ends normally; read by `fit_completed`.
 FIT_COMPLETED = "fit_completed.json"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import warnings
@@ -22,6 +21,7 @@ from ndrope.modules import ResolutionMode
 
 from .data import check_protocols
 from .report import format_eval_table, write_eval_report
+from .schedule import warmup_cosine
 from .transforms import EvalProtocol
 
 
@@ -40,14 +40,6 @@ def net_geometry(net: nn.Module) -> tuple[int, int]:
     if len(set(patch)) != 1 or len(set(size)) != 1:
         raise ValueError(f"net has patch_size={patch}, img_size={size}; ImageClassifier needs square images and patches")
     return int(patch[0]), int(size[0])
-
-
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """LR multiplier at optimizer ``step``: linear warmup to 1 over ``warmup_steps``, then cosine to ``min_ratio``."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def accuracy_metrics(num_classes: int) -> MetricCollection:

@@ -1,20 +1,14 @@
-"""Result files: atomic writes, the multi-resolution eval report, and the study report (JSON, markdown, PNG).
+"""Result files: the multi-resolution eval report and the study report (JSON, markdown, PNG).
 
-Files are written whole or not at all: a temp file in the same folder, fsynced, then ``os.replace``d over
-the final name (`atomic_write`). Files that users read are plain files with mode 0644 less the umask
-(``rw-r--r--`` under the usual umask 022).
-
-The study report's three files are published together as far as plain files allow (`write_report_files`):
-all three are rendered in memory and staged as fsynced temp files, the files they replace are held by a
-hard link, and then three renames run back to back (tens of microseconds: with the old files held, a rename
-does not free their blocks). A failure while rendering or staging (an error, a full disk, Ctrl-C) leaves the
-previous report whole; an exception between two renames (Ctrl-C) completes the remaining renames before it
-propagates. Only SIGKILL or a power cut inside those microseconds can leave files of two writes side by side;
-each file names its write (``report_id``, a hash of the report's data: in results.json, on the last line of
-results.md, in the PNG's ``Description``), so such a mix is visible, and the next study command in that
-folder, which reuses every finished run, rewrites all three. The trade-off: publishing through a symlink
-swapped by one rename closed that window too, but every copy, archive or upload of the report then had to
-follow symlinks (``cp -L``); folders written that way become plain files at the next write.
+Every file is written whole or not at all (`training.files`). Files that users read are plain files with
+mode 0644 less the umask. The study report's three files are published together (`write_report_files`:
+`training.files.write_together`, then the leftovers of killed writes are removed). Only SIGKILL or a power
+cut inside the microseconds of the renames can leave files of two writes side by side; each file names its
+write (``report_id``, a hash of the report's data: in results.json, on the last line of results.md, in the
+PNG's ``Description``), so such a mix is visible, and the next study command in that folder, which reuses
+every finished run, rewrites all three. The trade-off: publishing through a symlink swapped by one rename
+closed that window too, but every copy, archive or upload of the report then had to follow symlinks
+(``cp -L``); folders written that way become plain files at the next write.
 """
 
 from __future__ import annotations
@@ -28,11 +22,12 @@ import os
 import re
 import shutil
 import statistics
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from .files import atomic_write, markdown_table, write_together
 
 METRIC_TITLES = {"top1": "top-1", "top5": "top-5"}
 PROTOCOL_TEXT = {
@@ -42,7 +37,6 @@ PROTOCOL_TEXT = {
     "the resolution (a centre crop below the training size): more or fewer tokens, same object size in patches",
 }
 REPORT_FILES = ("results.json", "results.md", "accuracy_vs_resolution.png")
-FILE_MODE = 0o644  # less the umask (the kernel applies it when the temp file is created)
 LEGACY_CURRENT = ".report-current"  # the symlink of the earlier protocol; its version folders are .report-<hex>
 #: Evaluation options that split one trained variant into several report rows ("rope_axial (interpolate)").
 ROW_OPTIONS = ("resolution_mode",)
@@ -57,109 +51,13 @@ Verdict = Literal["better", "worse", "not established"]
 # ----------------------------------------------------------------------------- atomic files
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _stage(path: Path, data: str | bytes) -> Path:
-    """Write ``data`` to a new fsynced temp file next to ``path`` and return the temp file's path.
-
-    Temp files that a killed writer of the same path left behind are removed first.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        stale.unlink(missing_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-    try:
-        try:
-            _write_all(fd, data.encode() if isinstance(data, str) else data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
-
-
-def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
-    """Write ``data`` to ``path`` through a temp file in the same folder, fsync and ``os.replace``.
-
-    On any error (disk full, interrupt) the previous content of ``path`` is untouched and the temp file
-    is removed. The file gets mode 0644 less the umask.
-    """
-    path = Path(path)
-    tmp = _stage(path, data)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def write_report_files(folder: str | os.PathLike, files: dict[str, str | bytes]) -> dict[str, Path]:
     """Publish ``files`` (name -> content) as plain files in ``folder``, together (see the module docstring)."""
-    folder = Path(folder)
-    staged: dict[Path, Path] = {}
-    try:
-        for name, data in files.items():
-            staged[folder / name] = _stage(folder / name, data)
-    except BaseException:
-        for tmp in staged.values():
-            tmp.unlink(missing_ok=True)
-        raise
-    held = _hold(staged)
-    try:
-        for path, tmp in staged.items():
-            os.replace(tmp, path)
-    except BaseException:
-        pending = {path: tmp for path, tmp in staged.items() if tmp.exists()}
-        if len(pending) == len(staged):  # nothing published yet: the previous files stay as they are
-            for tmp in pending.values():
-                tmp.unlink(missing_ok=True)
-        else:  # interrupted between two renames: finish, so the files come from one write
-            for path, tmp in pending.items():
-                os.replace(tmp, path)
-        raise
-    finally:
-        _fsync_dir(folder)
-        for link in held:
-            link.unlink(missing_ok=True)
-    _remove_leftovers(folder)
-    return {name: folder / name for name in files}
-
-
-def _hold(paths: Iterable[Path]) -> list[Path]:
-    """Hard links to the files about to be replaced, for the time of the renames: a rename that drops the last
-    link of the old file also frees its blocks (milliseconds on ext4), so without them the renames take
-    milliseconds instead of tens of microseconds. Skipped where there is no old file or no hard links."""
-    held = []
-    for path in paths:
-        link = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            os.link(path, link)
-        except OSError:
-            continue
-        held.append(link)
-    return held
+    paths = write_together(folder, files)
+    _remove_leftovers(Path(folder))
+    return paths
 
 
 def _remove_leftovers(folder: Path) -> None:
@@ -180,13 +78,6 @@ def _remove_leftovers(folder: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- the eval report of one run
-
-
-def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """A GitHub markdown table; numbers are right-aligned."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|"]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
 
 
 def _metric_names(records: Iterable[dict[str, float]]) -> list[str]:

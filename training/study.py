@@ -54,7 +54,8 @@ from ndrope.modules import ResolutionMode
 from .checkpoint import FIT_COMPLETED, RunFolderLock, check_folder, checkpoint_dir, fit_completed
 from .cli import PARENT_PID_ENV, cli_main, die_with
 from .data import check_protocols
-from .report import atomic_write, write_study_report
+from .files import atomic_write
+from .report import write_study_report
 from .transforms import EvalProtocol
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
