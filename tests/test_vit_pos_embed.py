@@ -34,7 +34,9 @@ class TestSinCos:
                     angle = position[axis] * 10000.0 ** (-k / count)
                     expected[n, j], expected[n, dim // 2 + j] = math.sin(angle), math.cos(angle)
                     j += 1
-        assert_close(sincos_embed(grid_shape, dim).double(), expected, atol=1e-5, rtol=0)
+        table = sincos_embed(grid_shape, dim)
+        assert table.dtype == torch.float32  # as the docstring says (it was float64)
+        assert_close(table.double(), expected, atol=1e-5, rtol=0)
 
     def test_a_larger_grid_extends_the_table(self):
         small, large = sincos_embed((4, 4), 32), sincos_embed((4, 6), 32)

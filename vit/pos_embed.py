@@ -60,7 +60,7 @@ def sincos_embed(
     positions = ndrope.grid(grid_shape, device=device)  # (N, A)
     # one non-zero per column, so the sum is exact; elementwise, so TF32 matmuls cannot round it
     angles = (positions[:, :, None] * freqs).sum(dim=1)  # (N, dim // 2)
-    return torch.cat((angles.sin(), angles.cos()), dim=-1)
+    return torch.cat((angles.sin(), angles.cos()), dim=-1).float()  # computed in float64, stored float32
 
 
 def integer_embed(
