@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple, get_origin
 
 import torch
-from timm.layers import PatchDropout, PatchDropoutWithIndices
+from timm.layers import PatchDropout, PatchDropoutWithIndices, trunc_normal_
 from timm.models import VisionTransformer, checkpoint
 from torch import Tensor, nn
 
@@ -219,6 +219,14 @@ class NDRopeVisionTransformer(VisionTransformer):
         self._resolution_mode: ResolutionMode | None = None
         if rope_resolution_mode is not None or applicable_resolution_modes(pos_embed, rope_recipe):
             self.set_resolution_mode(DEFAULT_RESOLUTION_MODE if rope_resolution_mode is None else rope_resolution_mode)
+
+    def reset_parameters(self) -> None:
+        """Meta-device init: this module's own tokens and learned table, drawn as timm's ``init_weights`` does."""
+        with torch.no_grad():
+            if self.pos_embed is not None:
+                trunc_normal_(self.pos_embed, std=0.02)
+            for token in (t for t in (self.cls_token, self.reg_token) if t is not None):
+                nn.init.normal_(token, std=1e-6)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

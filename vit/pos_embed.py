@@ -207,6 +207,11 @@ class AlibiBias(nn.Module):
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}"
 
+    def reset_parameters(self) -> None:
+        """Recompute the slopes (meta-device init: after ``to_empty`` they are uninitialised memory)."""
+        with torch.no_grad():
+            self.slopes.copy_(alibi_slopes(self.num_heads))
+
     def forward(self, grid_shape: Sequence[int], *, num_prefix_tokens: int = 0) -> Tensor:
         """Bias (H, k + N, k + N) in float32, to add to the scaled attention logits."""
         return alibi_bias(grid_shape, self.slopes.float(), num_prefix_tokens=num_prefix_tokens)
