@@ -651,7 +651,7 @@ def test_cifar100_is_cifar10_with_other_data(capsys: pytest.CaptureFixture) -> N
 
 @pytest.mark.slow
 def test_compiled_fit_and_multi_resolution_test(data: Path, tmp_path: Path) -> None:
-    """`--model.compile true` trains, keeps plain checkpoint keys, and recompiles for each test resolution."""
+    """`--model.compile true` (fullgraph, dynamic shapes) trains, keeps plain checkpoint keys, and tests at other resolutions."""
     cli_main(["fit", *fashion_args(data, tmp_path, "--model.compile=true", "--trainer.limit_val_batches=1")])
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     assert "net.cls_token" in state and not any("_orig_mod" in k for k in state)

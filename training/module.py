@@ -63,8 +63,8 @@ class ImageClassifier(LightningModule):
         min_lr_ratio: final learning rate as a fraction of ``lr``.
         label_smoothing: for the cross-entropy (and inside mixup targets).
         mixup_alpha, cutmix_alpha: timm Mixup/CutMix strengths; both 0 disables them.
-        compile: ``torch.compile`` the network (checkpoint keys are unchanged), in `configure_model`
-            after any sharding.
+        compile: ``torch.compile(fullgraph=True, dynamic=True)`` the network (checkpoint keys are unchanged), in
+            `configure_model` after any sharding: evaluation at every test resolution reuses one graph.
         eval_resolutions: test resolutions, each a multiple of the patch size; default the training one.
         eval_protocols: how test images reach each resolution, `training.transforms.EvalProtocol`
             (default ``["zoom"]``); results are keyed by (protocol, resolution).
@@ -153,8 +153,8 @@ class ImageClassifier(LightningModule):
             for block in self.net.blocks:
                 fully_shard(block, mesh=mesh["data_parallel"])
             fully_shard(self.net, mesh=mesh["data_parallel"])
-        if self.compile_net:
-            self.net.compile()
+        if self.compile_net:  # one graph for every resolution (vit's grids stay symbolic)
+            self.net.compile(fullgraph=True, dynamic=True)
         self._configured = True
 
     def forward(self, x: Tensor) -> Tensor:

@@ -128,10 +128,14 @@ def resample_pos_embed(
     timm's ``dynamic_img_size`` ViT. Other dimensionalities interpolate linearly one axis at a time
     (``align_corners=False``), which is exactly multilinear interpolation (trilinear in 3D); torch
     has no 4D mode to call instead. Returns the input unchanged when the grids are equal.
-    Under torch.compile the grid is made concrete (one graph per grid): torch has no symbolic-shape
-    backward for antialiased bicubic resampling.
+    Where the table needs a gradient, the grid is made concrete under torch.compile (one graph per grid
+    when training): torch has no symbolic-shape backward for antialiased bicubic resampling; evaluation
+    keeps it symbolic (one graph for every grid).
     """
-    new_grid, old_grid = [operator.index(s) for s in new_grid], [operator.index(s) for s in old_grid]
+    if torch.is_grad_enabled() and pos_embed.requires_grad:
+        new_grid, old_grid = [operator.index(s) for s in new_grid], [operator.index(s) for s in old_grid]
+    else:
+        new_grid, old_grid = list(new_grid), list(old_grid)
     if len(old_grid) == 2:
         return resample_abs_pos_embed(pos_embed, new_grid, old_grid, num_prefix_tokens=num_prefix_tokens)
     if new_grid == old_grid:
