@@ -40,11 +40,18 @@ FASHION_CLASSES: tuple[str, ...] = (
 # ----------------------------------------------------------------------------- run helpers
 
 
+def example_parser(name: str, doc: str) -> argparse.ArgumentParser:
+    """The command line of ``python -m examples.<name>``: the first paragraph of ``doc``, and every option's
+    default in ``--help`` (options without a default or help text show none)."""
+    return argparse.ArgumentParser(prog=f"python -m examples.{name}", description=doc.split("\n\n")[0],
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
 def add_run_arguments(parser: argparse.ArgumentParser, name: str, *, seeds: Sequence[int] = (0,)) -> None:
     """The options every example shares: ``--seeds``, ``--threads`` and ``--out`` (``reports/<name>``)."""
     parser.add_argument("--seeds", type=int, nargs="+", default=list(seeds), help="one training run per seed and encoding")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: see README)")
-    parser.add_argument("--out", default=f"reports/{name}")
+    parser.add_argument("--out", default=f"reports/{name}", help="report folder")
 
 
 def setup_torch(threads: int) -> None:

@@ -47,7 +47,7 @@ import ndrope
 from ndrope import recipes
 from vit import AlibiBias, sincos_embed
 
-from .common import add_run_arguments, command_line, rope_blocks, setup_torch, train, write_report
+from .common import add_run_arguments, command_line, example_parser, rope_blocks, setup_torch, train, write_report
 
 Encoding = Literal["nope", "learned", "sinusoidal", "alibi", "rope", "p-rope"]
 #: Every position encoding the example trains, in table order.
@@ -215,20 +215,21 @@ def bits_per_byte(model: ByteLM, data: Tensor, length: int, batch: int) -> float
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m examples.text_lm", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--corpus-dir", default=None, help="folder of *.py files (default: this Python's stdlib)")
+    parser = example_parser("text_lm", __doc__)
+    parser.add_argument("--corpus-dir", default=None, help="folder of *.py files (None: this Python's stdlib)")
     parser.add_argument("--eval-every", type=int, default=10, help="hold out every k-th file for evaluation")
     parser.add_argument("--eval-bytes", type=int, default=32768, help="held-out bytes evaluated at every length")
     parser.add_argument("--context", type=int, default=128, help="training context (tokens = bytes)")
-    parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--depth", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--dim", type=int, default=128, help="model width")
+    parser.add_argument("--depth", type=int, default=2, help="transformer blocks")
+    parser.add_argument("--heads", type=int, default=4, help="attention heads")
     parser.add_argument("--theta", type=float, default=10000.0, help="RoPE base")
     parser.add_argument("--p", type=float, default=0.75, help="p-RoPE: fraction of frequencies that rotate")
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--encodings", nargs="+", default=list(ENCODINGS), choices=ENCODINGS)
+    parser.add_argument("--steps", type=int, default=400, help="training steps per encoding and seed")
+    parser.add_argument("--batch", type=int, default=16, help="windows per training step")
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, warmup + cosine)")
+    parser.add_argument("--encodings", nargs="+", default=list(ENCODINGS), choices=ENCODINGS,
+                        help="position encodings to train")
     add_run_arguments(parser, "text_lm")
     return parser.parse_args(argv)
 

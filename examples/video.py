@@ -44,6 +44,7 @@ from .common import (
     FASHION_MNIST_ROOT,
     add_run_arguments,
     command_line,
+    example_parser,
     load_fashion_mnist,
     setup_torch,
     train,
@@ -123,7 +124,7 @@ def accuracy(model: nn.Module, clips: Tensor, labels: Tensor, batch: int) -> flo
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m examples.video", description=__doc__.split("\n\n")[0])
+    parser = example_parser("video", __doc__)
     parser.add_argument("--data-root", default=str(FASHION_MNIST_ROOT), help="folder with Fashion-MNIST gzip IDX files")
     parser.add_argument("--frames", type=int, default=8, help="T, frames per training clip")
     parser.add_argument("--size", type=int, default=24, help="S, training frame size (pixels)")
@@ -132,14 +133,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--tubelet", type=int, default=2, help="temporal patch size (frames)")
     parser.add_argument("--eval-frames", type=int, nargs="+", default=[16, 32], help="longer clips to evaluate")
     parser.add_argument("--eval-sizes", type=int, nargs="+", default=[36], help="larger frames to evaluate")
-    parser.add_argument("--eval-clips", type=int, default=512)
-    parser.add_argument("--dim", type=int, default=96)
-    parser.add_argument("--depth", type=int, default=3)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--pos-embeds", nargs="+", default=list(POS_EMBEDS), choices=POS_EMBEDS)
+    parser.add_argument("--eval-clips", type=int, default=512, help="test clips per evaluation column")
+    parser.add_argument("--dim", type=int, default=96, help="model width")
+    parser.add_argument("--depth", type=int, default=3, help="transformer blocks")
+    parser.add_argument("--heads", type=int, default=4, help="attention heads")
+    parser.add_argument("--steps", type=int, default=600, help="training steps per encoding and seed")
+    parser.add_argument("--batch", type=int, default=32, help="clips per training step")
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, warmup + cosine)")
+    parser.add_argument("--pos-embeds", nargs="+", default=list(POS_EMBEDS), choices=POS_EMBEDS,
+                        help="position encodings to train")
     add_run_arguments(parser, "video")
     return parser.parse_args(argv)
 

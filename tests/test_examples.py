@@ -312,3 +312,15 @@ def test_examples_import_no_lightning():
     code = "import sys, examples.text_lm, examples.video, examples.multimodal; print('lightning' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], check=True)
     assert result.stdout.strip() == "False"
+
+
+@parametrize("example", [text_lm, video, multimodal])
+def test_help_shows_every_default(example, capsys):
+    """`python -m examples.<name> --help` gives each option's default (it used to show none)."""
+    with pytest.raises(SystemExit) as exit_info:
+        example.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # unwrapped
+    options = [option for option in text.split() if option.startswith("--") and option != "--help"]
+    assert options and text.count("(default: ") == len(set(options)), text
+    assert "--threads THREADS torch CPU threads (1: see README) (default: 1)" in text

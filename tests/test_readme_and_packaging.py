@@ -30,6 +30,28 @@ def test_ndrope_imports_only_torch():
     assert out.stdout.strip() == "[]", out.stdout
 
 
+HIDE_MODULE = """
+import sys
+
+class Hide:  # as if the module were not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == sys.argv[1]:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, Hide())
+import vit
+"""
+
+
+@pytest.mark.parametrize("missing", ["timm", "einops"])
+def test_vit_without_its_extra_says_what_to_install(missing: str) -> None:
+    out = subprocess.run([sys.executable, "-c", HIDE_MODULE, missing], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 1
+    assert out.stderr.splitlines()[-1] == (
+        f"ModuleNotFoundError: vit needs {missing}, which is not installed: pip install \"ndrope-vit[vit]\" (in a "
+        f"checkout: pip install -e \".[vit]\"); ndrope itself needs only torch"), out.stderr
+
+
 def test_library_install_declares_torch_alone_and_installs_only_project_names():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert [re.split(r"[<>=!~ ]", d)[0] for d in project["project"]["dependencies"]] == ["torch"]

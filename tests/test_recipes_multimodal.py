@@ -8,6 +8,7 @@ Frequencies: `mrope` equals the rotary modules' ``recomposition_frequencies`` (s
 
 from __future__ import annotations
 
+import inspect
 from types import SimpleNamespace
 
 import pytest
@@ -161,6 +162,7 @@ def test_text_advance_rules_are_explicit():
     assert torch.equal(new[0, ~text_after], old[0, ~text_after])
 
 
+@pytest.mark.filterwarnings("error::FutureWarning")  # a deprecated transformers argument breaks on upgrade
 @pytest.mark.parametrize("version", list(CONFIGS))
 def test_decode_offset_matches_transformers(version):
     prompts = [SCENARIOS["video_then_image"], [4, ("image", (1, 8, 4)), 7]]
@@ -170,9 +172,12 @@ def test_decode_offset_matches_transformers(version):
     model.rope_deltas = their_deltas[:, None]
     length = types.shape[1]
     cache = SimpleNamespace(get_seq_length=lambda: length)
-    # decoding with a cache and no mask: transformers counts the cache length
+    # decoding with a cache and no mask: transformers counts the cache length (its argument `past_key_values` is
+    # `cache` in newer releases, which deprecate the old name)
+    parameters = inspect.signature(model.compute_3d_position_ids).parameters
+    cache_arg = {"cache" if "cache" in parameters else "past_key_values": cache}
     theirs = model.compute_3d_position_ids(input_ids=None, inputs_embeds=torch.zeros(2, 3, 8), image_grid_thw=None,
-                                           video_grid_thw=None, attention_mask=None, past_key_values=cache)
+                                           video_grid_thw=None, attention_mask=None, **cache_arg)
     assert torch.equal(recipes.qwen_vl_decode_positions(deltas, length, 3), theirs.permute(1, 2, 0))
     # counted without padding, the new tokens sit where get_rope_index puts text appended to each prompt
     unpadded = mask.sum(-1)

@@ -23,7 +23,7 @@ from test_data import CONFIGS, accept_fake_cifar, smoke_args
 import training.study
 from training.checkpoint import fit_completed
 from training.cli import cli_main
-from training.study import modes_for, run_study
+from training.study import Progress, finish_time, format_seconds, modes_for, run_study
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 
@@ -44,7 +44,7 @@ class InProcessRunner:
         self.calls: list[list[str]] = []
         self.fail_on = fail_on
 
-    def __call__(self, args: list[str], what: str, threads: int | None = None) -> float:
+    def __call__(self, args: list[str], what: str, log: Path, threads: int | None = None) -> float:
         self.calls.append(args)
         if self.fail_on and self.fail_on in what:
             raise RuntimeError(f"[study] {what} failed (exit code 1)")
@@ -198,7 +198,7 @@ import sys, time
 from pathlib import Path
 import training.study as study
 study.TRAIN_SCRIPT = Path(sys.argv[1])
-study._run(["ignored"], "sleeper")
+study._run(["ignored"], "sleeper", Path(sys.argv[2]))
 """
 
 
@@ -207,7 +207,8 @@ def test_killing_the_study_kills_its_run(tmp_path: Path) -> None:
     sleeper = tmp_path / "sleeper.py"
     pid_file = tmp_path / "child.pid"
     sleeper.write_text(f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(120)\n")
-    parent = subprocess.Popen([sys.executable, "-c", CHILD_OF_KILLED_PARENT, str(sleeper)], cwd=REPO)
+    parent = subprocess.Popen([sys.executable, "-c", CHILD_OF_KILLED_PARENT, str(sleeper), str(tmp_path / "run.log")],
+                              cwd=REPO)
     try:
         deadline = time.monotonic() + 60
         while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
@@ -235,9 +236,9 @@ class StopsEarlyRunner(InProcessRunner):
     """Its fits stop inside their second epoch and it still reports success: what a fit stopped by SIGTERM used to do
     (Lightning's exit status 0)."""
 
-    def __call__(self, args: list[str], what: str, threads: int | None = None) -> float:
+    def __call__(self, args: list[str], what: str, log: Path, threads: int | None = None) -> float:
         if args[0] != "fit":
-            return super().__call__(args, what, threads)
+            return super().__call__(args, what, log, threads)
         self.calls.append(args)
         cli = cli_main(args[1:], run=False)
         cli.trainer.callbacks.append(CrashAtStep(3))
@@ -482,6 +483,109 @@ class TestStudyRejectsBadInput:
                                  "--dry_run=true", f"--output_dir={tmp_path}", "--", "--trainer.default_root_dir", "X"])
 
 
+class TestProgress:
+    """The study's console: one line per event, with an ETA from the measured fits and tests."""
+
+    def test_finish_time_fills_free_slots_in_queue_order(self) -> None:
+        assert finish_time([30.0, 10.0], [100.0, 100.0, 100.0], jobs=2) == 210.0  # 10+100, 30+100, 110+100
+        assert finish_time([], [60.0, 60.0, 60.0], jobs=2) == 120.0
+        assert finish_time([5.0], [], jobs=2) == 5.0
+        assert finish_time([], [], jobs=1) == 0.0
+
+    def test_format_seconds(self) -> None:
+        assert [format_seconds(s) for s in (0.4, 45, 151, 3599.6, 3720)] == ["0s", "45s", "2m31s", "1h00m", "1h02m"]
+
+    def test_eta_is_honest_before_anything_was_timed(self, capsys: pytest.CaptureFixture) -> None:
+        now = [0.0]
+        progress = Progress([("learned", 0, 1), ("rope_axial", 0, 2), ("rope_mixed", 0, 1)], jobs=2,
+                            clock=lambda: now[0])
+        progress.start(0, "fit started")
+        progress.start(1, "fit started")
+        now[0] = 100.0
+        progress.done(0, "fit", 100.0, "fit done in 1m40s")  # the tests are not timed yet: the ETA leaves them out
+        progress.start(0)
+        now[0] = 120.0
+        progress.done(0, "test", 20.0, "test done in 20s")  # run 2: 100 + 2 x 20 - 120 left; run 3: 120, queued
+        progress.start(2, "fit started")
+        now[0] = 130.0
+        progress.done(1, "fit", 130.0, "fit done in 2m10s")  # fits take 115: run 3 has 115 + 20 - 10 left
+        assert capsys.readouterr().out.splitlines() == [
+            "[study] run 1/3 learned seed 0: fit started",
+            "[study] run 2/3 rope_axial seed 0: fit started",
+            "[study] run 1/3 learned seed 0: fit done in 1m40s; ETA over 2 min (tests not timed yet)",
+            "[study] run 1/3 learned seed 0: test done in 20s; ETA 2 min",
+            "[study] run 3/3 rope_mixed seed 0: fit started",
+            "[study] run 2/3 rope_axial seed 0: fit done in 2m10s; ETA 3 min",
+        ]
+
+    def test_eta_under_a_minute(self, capsys: pytest.CaptureFixture) -> None:
+        now = [0.0]
+        progress = Progress([("learned", 0, 1), ("learned", 1, 1)], jobs=2, clock=lambda: now[0])
+        progress.start(0)
+        progress.start(1)
+        now[0] = 20.0
+        progress.done(0, "fit", 20.0, "fit done in 20s")  # left: tests of unknown length only, not "over 0 min"
+        progress.start(0)
+        now[0] = 30.0
+        progress.done(0, "test", 10.0, "test done in 10s")  # left: run 2's test, 10 s
+        assert [line.split("; ")[-1] for line in capsys.readouterr().out.splitlines()] == [
+            "ETA after the first test", "ETA under 1 min"]
+
+    def test_no_eta_before_the_first_fit_and_resumed_fits_are_not_timed(self, capsys: pytest.CaptureFixture) -> None:
+        progress = Progress([("learned", 0, 1), ("learned", 1, 1)], jobs=1, clock=lambda: 0.0)
+        progress.done(0, "fit", None, "fit (resumed) done in 10s")
+        progress.done(0, "test", 20.0, "test done in 20s")
+        progress.done(1, "fit", None, "fit finished earlier, reused")
+        progress.done(1, "test", None, "test reused")
+        assert [line.split("; ")[-1] for line in capsys.readouterr().out.splitlines()] == [
+            "ETA after the first fit", "ETA after the first fit", "ETA 1 min", "all runs done"]
+
+
+def test_run_output_goes_to_its_log_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture) -> None:
+    """A run's stdout and stderr go to its log, after the command (nothing on the study's console); a failure
+    shows the end of the log."""
+    script = tmp_path / "fake_train.py"
+    script.write_text("import sys\nprint('model summary')\nprint('a warning', file=sys.stderr)\n"
+                      "sys.exit(int(sys.argv[1]))\n")
+    monkeypatch.setattr(training.study, "TRAIN_SCRIPT", script)
+    log = tmp_path / "run" / "fit.log"
+    training.study._run(["0"], "fit learned seed 0", log)
+    with pytest.raises(RuntimeError, match=r"fit learned seed 0 failed \(exit code 3\); the end of .*fit.log:\n"
+                                           r"(.*\n)*model summary\na warning\n\[study\] run the study command again"):
+        training.study._run(["3"], "fit learned seed 0", log)
+    lines = log.read_text().splitlines()
+    assert [line for line in lines if not line.startswith("[study]")] == ["model summary", "a warning"] * 2
+    assert lines[0].startswith("[study] ") and lines[0].endswith(f"fit learned seed 0: {sys.executable} {script} 0")
+    assert capsys.readouterr().out == ""
+
+
+def test_study_console_has_one_line_per_event(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture) -> None:
+    """2 runs, one with 2 tests: a header, a start and an end line per fit, a line per test, the verdict, the files."""
+    monkeypatch.setattr(training.study, "_run", InProcessRunner())
+    run_study(fit_config=[str(FASHION)], variants=["learned", "rope_axial"], eval_resolutions=[20, 28], seeds=[0],
+              resolution_modes=["extrapolate", "interpolate"], eval_protocols=["zoom"], output_dir=str(tmp_path),
+              fit_args=budget(data))
+    console = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[study]")]
+    runs = tmp_path / "runs"
+    assert console[0] == "[study] configuration checked for variants ['learned', 'rope_axial']"
+    assert console[1] == (f"[study] 2 runs (2 variants x 1 seeds) and 3 tests, 1 at a time; each run's output goes to "
+                          f"fit.log and test*.log in its folder, {runs}/<variant>-seed<seed>/")
+    assert console[2] == f"[study] run 1/2 learned seed 0: fit started, log {runs / 'learned-seed0' / 'fit.log'}"
+    assert re.fullmatch(r"\[study\] run 1/2 learned seed 0: fit done in \d+s, val top-1 \d+\.\d; ETA (over \d+ min "
+                        r"\(tests not timed yet\)|after the first test)", console[3])
+    assert re.fullmatch(r"\[study\] run 1/2 learned seed 0: test done in \d+s, top-1 \(%\) zoom 20/28px "
+                        r"\d+\.\d/\d+\.\d; ETA (\d+ min|under 1 min)", console[4])
+    assert re.fullmatch(r"\[study\] run 2/2 rope_axial seed 0: fit done in \d+s, val top-1 \d+\.\d; ETA (\d+ min|"
+                        r"under 1 min)", console[6])
+    assert re.fullmatch(r"\[study\] run 2/2 rope_axial seed 0: test-extrapolate done in .*; ETA (\d+ min|under 1 min)",
+                        console[7])
+    assert re.fullmatch(r"\[study\] run 2/2 rope_axial seed 0: test-interpolate done in .*; all runs done",
+                        console[8])
+    assert console[9].startswith("[study] report: ") and len(console) == 10
+
+
 def test_resolution_modes_only_for_rope_without_a_recipe() -> None:
     """Only RoPE positions change with the resolution mode, and a rope_recipe fixes its own: tested once."""
     modes = ["extrapolate", "interpolate"]
@@ -560,4 +664,12 @@ def test_study_command_in_subprocesses(data: Path, tmp_path: Path) -> None:
     results = json.loads((tmp_path / "report" / "results.json").read_text())
     assert [(r["variant"], [x["resolution"] for x in r["results"]]) for r in results["runs"]] == [
         ("learned", [24, 28]), ("rope_mixed", [24, 28])]
-    assert "### top-1 accuracy (%), zoom" in result.stdout
+    # the console: one line per event and the verdict; each run's output (Lightning's summaries, tables and
+    # warnings) in its logs
+    console = result.stdout + result.stderr
+    assert "## Verdict" in result.stdout and "[study] run 2/2 rope_mixed seed 0: test done in" in result.stdout
+    for noise in ("┏", "Test metric", "litlogger", "LeafSpec", "GPU available", "Seed set to", "train.py fit"):
+        assert noise not in console, console
+    assert len(console.splitlines()) < 25, console
+    run = tmp_path / "report" / "runs" / "learned-seed0"
+    assert "GPU available" in (run / "fit.log").read_text() and "zoom" in (run / "test.log").read_text()

@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
+import fcntl
 import gc
 import json
+import logging
 import os
 import shutil
 import signal
@@ -98,7 +100,7 @@ def test_fit_few_steps(data: Path, tmp_path: Path, dataset: str) -> None:
     assert (tmp_path / "checkpoints" / "best.ckpt").is_file()
     assert "pos_embed: rope_mixed" in (tmp_path / "config.yaml").read_text()  # vit's default
     assert 0.0 <= val_rows(tmp_path)[0]["val/top1"] <= 1.0
-    assert list(tmp_path.glob("events.out.tfevents.*"))
+    assert list(tmp_path.glob("tensorboard/version_0/events.out.tfevents.*"))
 
 
 def test_multi_resolution_eval_matches_manual_evaluation(
@@ -189,6 +191,51 @@ def test_net_is_a_hyperparameter_only_as_a_config(data: Path, tmp_path: Path, re
     assert not {"eval_resolutions", "eval_protocols", "resolution_mode", "compile"} & set(saved)
 
 
+def test_fit_output_has_lightnings_lines_without_its_advert_or_known_warnings(
+    data: Path, tmp_path: Path, recwarn: pytest.WarningsRecorder
+) -> None:
+    """Lightning's own lines stay (devices, ...); its litlogger "Tip" and the deprecation warnings of
+    `training.cli.KNOWN_WARNINGS` (torch's LeafSpec, from lightning's _pytree) are dropped at their source."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("lightning.pytorch").addHandler(handler)
+    try:
+        cli_main(["fit", *fashion_args(data, tmp_path)])
+    finally:
+        logging.getLogger("lightning.pytorch").removeHandler(handler)
+    messages = [record.getMessage() for record in records]
+    assert any(m.startswith("GPU available") for m in messages), messages
+    assert not [m for m in messages if "litlogger" in m]
+    assert not [str(w.message) for w in recwarn if "LeafSpec" in str(w.message)]
+
+
+def test_threads_sets_torch_cpu_threads(data: Path, tmp_path: Path) -> None:
+    """``--threads`` (configs/fashion_mnist.yaml: 1) sets torch's CPU threads; null leaves torch's own choice."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        cli_main(fashion_args(data, tmp_path), run=False)
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        cli_main(fashion_args(data, tmp_path, "--threads=null"), run=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_each_start_of_fit_logs_to_its_own_tensorboard_version(data: Path, tmp_path: Path) -> None:
+    """Two fits into one folder (here a fit and its resume) never write into one TensorBoard run; config.yaml
+    stays in the run folder itself (it used to mix both starts' events in the folder)."""
+    cli_main(["fit", *fashion_args(data, tmp_path)])
+    cli_main(["fit", *fashion_args(data, tmp_path, "--trainer.max_epochs=2"), "--ckpt_path=last"])
+    board = tmp_path / "tensorboard"
+    assert sorted(p.name for p in board.iterdir()) == ["version_0", "version_1"]
+    assert [len(list((board / v).glob("events.out.tfevents.*"))) for v in ("version_0", "version_1")] == [1, 1]
+    assert not list(tmp_path.glob("events.out.tfevents.*"))
+    assert "max_epochs: 2" in (tmp_path / "config.yaml").read_text()
+
+
 def test_precision_is_auto() -> None:
     """Unset precision means bf16-mixed on a CUDA GPU, 32-true on CPU."""
     expected = "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
@@ -263,14 +310,16 @@ RANDOM_TRAINING = ["--data.batch_size=8", "--trainer.max_epochs=2", "--model.net
                    "--trainer.limit_val_batches=1", "--data.num_workers=0"]
 
 
+@pytest.fixture(scope="module")
+def straight(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run of RANDOM_TRAINING without interruption (module scope: a class-scoped fixture method is deprecated)."""
+    run = tmp_path_factory.mktemp("straight")
+    cli_main(["fit", *fashion_args(data, run, *RANDOM_TRAINING)])
+    return run
+
+
 class TestResumeInsideAnEpoch:
     """An interruption in the middle of epoch 0, then `--ckpt_path last`: the run ends as if never stopped."""
-
-    @pytest.fixture(scope="class")
-    def straight(self, data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-        run = tmp_path_factory.mktemp("straight")
-        cli_main(["fit", *fashion_args(data, run, *RANDOM_TRAINING)])
-        return run
 
     @pytest.mark.parametrize("interruption, saved_step, workers", [
         (SignalAtStep(3, signal.SIGINT), 4, 0),  # Ctrl-C during step 4: that step ends, then last.ckpt
@@ -419,6 +468,38 @@ class TestBadInput:
         gc.collect()
         assert unraisable == [] and file.read_text() == "notes\n"
 
+    @pytest.mark.parametrize("right, typo, key, close", [
+        ("  max_epochs: 3", "  max_epoch: 3", "trainer.max_epoch", "trainer.max_epochs"),
+        ("pos_embed: rope_axial", "pos_embedd: rope_axial", "model.net.init_args.pos_embedd",
+         "model.net.init_args.pos_embed"),
+        ("batch_size: 128", "batch_sze: 128", "data.init_args.batch_sze", "data.init_args.batch_size"),
+        ("\ntrainer:", "\ntrainr:", "trainr.default_root_dir", "trainer.default_root_dir"),
+    ], ids=["trainer", "net", "data", "section"])
+    def test_config_key_typo_names_key_file_and_close_match(self, data: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture, right: str, typo: str,
+                                                           key: str, close: str) -> None:
+        """Two lines instead of a 76-line usage dump ending in "does not accept option" without the file."""
+        config = tmp_path / "typo.yaml"
+        config.write_text((CONFIGS / "fashion_mnist.yaml").read_text().replace(right, typo, 1))
+        args = [str(config) if a == str(CONFIGS / "fashion_mnist.yaml") else a for a in fashion_args(data, tmp_path)]
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(["fit", *args])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-2:] == [
+            f"{Path(sys.argv[0]).name} fit: error: unknown key '{key}' in {config}; did you mean '{close}'?",
+            f"(`{Path(sys.argv[0]).name} fit --help` lists every option)"]
+
+    def test_command_line_key_typo_names_a_close_match(self, data: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+        with pytest.raises(SystemExit):
+            cli_main(["fit", *fashion_args(data, tmp_path, "--model.lrr=0.1")])
+        assert "error: unknown key 'model.lrr' on the command line; did you mean 'model.lr'?" in capsys.readouterr().err
+
+    def test_threads_must_be_positive(self, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+        with pytest.raises(SystemExit):
+            cli_main(["fit", *fashion_args(data, tmp_path, "--threads=0")])
+        assert 'Parser key "threads"' in capsys.readouterr().err
+
     @pytest.mark.parametrize("option, message", [
         ("--last_checkpoint.every_n_minutes=0", r"every_n_minutes=0.0 must be > 0, or None"),
         ("--last_checkpoint.every_n_train_steps=0", r"every_n_train_steps=0 must be a positive int, or None"),
@@ -495,14 +576,16 @@ def test_disk_full_keeps_last_checkpoint_resumable(data: Path, small_filesystem:
     assert resumed.trainer.global_step == 6
 
 
+@pytest.fixture(scope="module")
+def trained(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished fit on the fake Fashion-MNIST, shared by the tests of its checkpoints."""
+    run = tmp_path_factory.mktemp("trained")
+    cli_main(["fit", *fashion_args(data, run, "--trainer.limit_val_batches=1")])
+    return run
+
+
 class TestCheckpointArguments:
     """`test` / `fit --ckpt_path` refuse what used to give silently wrong results."""
-
-    @pytest.fixture(scope="class")
-    def trained(self, data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-        run = tmp_path_factory.mktemp("trained")
-        cli_main(["fit", *fashion_args(data, run, "--trainer.limit_val_batches=1")])
-        return run
 
     def test_test_without_ckpt_path_is_an_error(self, trained: Path) -> None:
         """It used to test random weights and overwrite test/eval.json."""
@@ -593,6 +676,58 @@ def test_run_folder_is_locked_while_in_use(data: Path, tmp_path: Path) -> None:
         holder.wait()
     with RunFolderLock(tmp_path):  # free again once the holder is gone
         pass
+
+
+class TestRunFolderLockFile:
+    """``.lock`` exists only while a process holds the folder; a dead holder's file is taken over, then removed."""
+
+    def test_released_lock_leaves_no_file(self, data: Path, tmp_path: Path) -> None:
+        with RunFolderLock(tmp_path) as lock:
+            assert lock.path.read_text() == f"{os.getpid()}\n"
+        assert not (tmp_path / ".lock").exists()
+        cli_main(["fit", *fashion_args(data, tmp_path / "run")])
+        assert not (tmp_path / "run" / ".lock").exists()
+
+    def test_file_of_a_killed_holder_is_taken_over_and_removed(self, tmp_path: Path) -> None:
+        holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]);"
+                                   "from training.checkpoint import RunFolderLock; l = RunFolderLock(sys.argv[2]);"
+                                   "print('locked', flush=True); time.sleep(60)", str(REPO), str(tmp_path)],
+                                  stdout=subprocess.PIPE, text=True)
+        assert holder.stdout.readline().strip() == "locked"
+        holder.kill()  # SIGKILL: no release
+        holder.wait()
+        assert (tmp_path / ".lock").read_text() == f"{holder.pid}\n"  # stale: its holder is dead
+        with RunFolderLock(tmp_path) as lock:
+            assert lock.path.read_text() == f"{os.getpid()}\n"
+        assert not (tmp_path / ".lock").exists()
+
+    def test_lock_file_removed_under_a_waiting_process_is_not_locked(self, tmp_path: Path) -> None:
+        """A process that opened the file just before the holder removed it locks the new file, not the removed one."""
+        first = RunFolderLock(tmp_path)
+        stale = os.open(first.path, os.O_RDWR)  # a second process's open, just before the release
+        first.release()
+        second = RunFolderLock(tmp_path)
+        try:
+            fcntl.flock(stale, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the removed file: free, but no longer the lock
+            with pytest.raises(RuntimeError, match="is in use by another process"):
+                RunFolderLock(tmp_path)
+        finally:
+            os.close(stale)
+            second.release()
+
+    def test_a_forked_child_does_not_release_its_parents_lock(self, tmp_path: Path) -> None:
+        lock = RunFolderLock(tmp_path)
+        try:
+            child = os.fork()
+            if child == 0:  # a data worker, say, that drops the inherited object
+                lock.release()
+                os._exit(0)
+            assert os.waitpid(child, 0)[1] == 0
+            assert lock.path.exists()
+            with pytest.raises(RuntimeError, match="is in use by another process"):
+                RunFolderLock(tmp_path)
+        finally:
+            lock.release()
 
 
 # ----------------------------------------------------------------------------- every shipped config

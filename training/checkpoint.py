@@ -9,7 +9,8 @@
 * `LastCheckpoint`: keeps ``last.ckpt`` the point a fit resumes from (epoch ends, every few minutes,
   SIGTERM / Ctrl-C, the end of the fit) and marks a fit that ran to its end; `fit_completed` reads the mark.
 * `RunFolderLock`: an exclusive ``flock`` on ``<run folder>/.lock`` held while a process trains or
-  tests in it; a second process gets a clear error instead of writing into the same folder.
+  tests in it (the file is removed with the lock); a second process gets a clear error instead of writing
+  into the same folder.
 """
 
 from __future__ import annotations
@@ -255,29 +256,45 @@ def check_folder(path: str | os.PathLike, argument: str) -> Path:
 
 class RunFolderLock:
     """Exclusive lock on ``<folder>/.lock`` for this process's lifetime (or until `release`); ``argument`` names
-    the option that chose the folder, for the error when it is a file."""
+    the option that chose the folder, for the error when it is a file.
+
+    The file holds the holder's pid and is removed on `release`, so a folder not in use has no ``.lock``. A holder
+    killed without a word (kill -9) leaves its file behind, but not its lock (the kernel drops a dead process's
+    ``flock``): the next process takes the stale file over, writes its own pid, and removes it when it is done.
+    """
 
     def __init__(self, folder: str | os.PathLike, what: str = "run folder", argument: str = "folder") -> None:
         self._fd: int | None = None
+        self._owner = os.getpid()
         self.folder = check_folder(folder, argument)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.path = self.folder / ".lock"
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self._fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            os.close(self._fd)
-            self._fd = None
-            raise RuntimeError(
-                f"{what} {os.fspath(self.folder)!r} is in use by another process (pid {holder}, lock "
-                f"{os.fspath(self.path)}); wait for it to finish or stop it, or choose another folder"
-            ) from None
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise RuntimeError(
+                    f"{what} {os.fspath(self.folder)!r} is in use by another process (pid {holder}{_gone(holder)}, "
+                    f"lock {os.fspath(self.path)}); wait for it to finish or stop it, or choose another folder"
+                ) from None
+            # The holder we raced with may have removed the file between our open and our flock: only the file
+            # that is at the path now is the lock, so lock that one.
+            if _same_file(fd, self.path):
+                break
+            os.close(fd)
+        self._fd = fd
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
 
     def release(self) -> None:
-        if self._fd is not None:
+        """Remove the lock file and unlock (in that order, so that no process locks a file that is being removed).
+        Only in the process that took the lock: a forked child (a data worker) shares the lock, and leaves it."""
+        if self._fd is not None and os.getpid() == self._owner:
+            if _same_file(self._fd, self.path):
+                self.path.unlink(missing_ok=True)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
@@ -290,3 +307,23 @@ class RunFolderLock:
 
     def __del__(self) -> None:
         self.release()
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether the open file ``fd`` is the file at ``path`` (not one removed from there)."""
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def _gone(pid: str) -> str:
+    """``", which has exited: its child processes hold the lock"`` when no process ``pid`` runs any more, else ``""``."""
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, PermissionError):
+        return ""
+    except ProcessLookupError:
+        return ", which has exited: processes it started still hold the lock"
+    return ""

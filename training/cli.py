@@ -3,8 +3,8 @@
 A run folder (``--trainer.default_root_dir``, default runs/default) holds::
 
     config.yaml                    resolved fit config (rerun, resume or test with --config)
-    .lock                          held while a process trains or tests here (one at a time)
-    events.out.tfevents.*          TensorBoard log (continues across resumes)
+    .lock                          exists while a process trains or tests here (one at a time)
+    tensorboard/version_N/         TensorBoard log, one version per start of `fit` (a resume is a start)
     csv/version_N/metrics.csv      CSV log, one version per start of `fit`
     checkpoints/best.ckpt          best val/top1 on the validation hold-out (never the test split)
     checkpoints/last.ckpt          where `--ckpt_path last` resumes: saved at epoch ends, every 5 minutes, on
@@ -27,15 +27,21 @@ in subprocesses and is not part of it.
 from __future__ import annotations
 
 import ctypes
+import difflib
+import importlib
+import logging
 import os
+import re
 import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from jsonargparse import Namespace
+from jsonargparse import ArgumentError, ArgumentParser, Namespace
+from jsonargparse.typing import PositiveInt
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -48,11 +54,17 @@ from .module import ImageClassifier
 
 
 class SaveFitConfig(SaveConfigCallback):
-    """Save config.yaml for ``fit`` only, so ``test --config run/config.yaml`` never rewrites it."""
+    """Save ``<default_root_dir>/config.yaml`` for ``fit`` only, so ``test --config run/config.yaml`` never rewrites
+    it; in the run folder itself, not in a logger's version folder (``save_to_log_dir=False``)."""
 
     def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
         if stage == "fit":
             super().setup(trainer, pl_module, stage)
+
+    def save_config(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
+        path = Path(trainer.default_root_dir) / self.config_filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.parser.save(self.config, os.fspath(path), skip_unset=False, overwrite=True, multifile=self.multifile)
 
 
 def auto_precision(accelerator: Any) -> str:
@@ -124,6 +136,13 @@ class ViTCLI(LightningCLI):
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # Every subcommand's parser has the trainer / model / data keys: the first is kept to suggest a known key.
+        self.keys_parser = getattr(self, "keys_parser", None) or parser
+        parser.add_argument(
+            "--threads", type=PositiveInt | None, default=None,
+            help="torch CPU threads of this process (torch.set_num_threads); null: torch's default (OMP_NUM_THREADS, "
+                 "else one per core). configs/fashion_mnist.yaml sets 1: fastest on 2 shared cores (README)",
+        )
         # best.ckpt by Lightning's ModelCheckpoint; last.ckpt by LastCheckpoint, which also saves inside epochs
         # and on signals and marks a completed fit (Lightning's save_last only saves when the metric improved).
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -146,7 +165,15 @@ class ViTCLI(LightningCLI):
         parser.link_arguments("data.in_chans", "model.net.init_args.in_chans", apply_on="instantiate")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
-        super().parse_arguments(parser, args)
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as error:  # the parsers do not exit themselves (`cli_main`: exit_on_error=False)
+            given = sys.argv[1:] if args is None else [str(a) for a in args] if isinstance(args, (list, tuple)) else []
+            subcommand = next((a for a in given if a in self.subcommands()), None)
+            command = " ".join(filter(None, [os.path.basename(sys.argv[0]) or "train.py", subcommand]))
+            print(f"{command}: error: {explain_parse_error(str(error), given, self.keys_parser)}\n"
+                  f"(`{command} --help` lists every option)", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
         # Checked here, before anything is built: right after parsing, LightningCLI loads a checkpoint's model
         # hyperparameters over the config (and so would silently rebuild whatever architecture the checkpoint
         # holds). The config decides; a checkpoint trained with other model/data arguments is refused.
@@ -154,6 +181,11 @@ class ViTCLI(LightningCLI):
         if subcommand is not None:
             check_folder(self.config[subcommand]["trainer"]["default_root_dir"], "--trainer.default_root_dir")
             check_ckpt_path(parser, self.config)
+
+    def before_instantiate_classes(self) -> None:
+        threads = (self.config[self.subcommand] if self.subcommand else self.config).get("threads")
+        if threads is not None:
+            torch.set_num_threads(threads)
 
     def instantiate_classes(self) -> None:
         # jsonargparse wraps an error raised while building the data or model (missing dataset, bad
@@ -175,9 +207,10 @@ class ViTCLI(LightningCLI):
         root = os.fspath(config["default_root_dir"])
         if config.get("logger") is None:
             if self.subcommand in (None, "fit"):
-                # TensorBoard first: it sets trainer.log_dir (config.yaml) to the run folder itself.
+                # A version folder per start, so that two fits into one folder (or a fit and its resume) never
+                # write into one TensorBoard run.
                 kwargs["logger"] = [
-                    TensorBoardLogger(root, name="", version="", default_hp_metric=False),
+                    TensorBoardLogger(root, name="tensorboard", default_hp_metric=False),
                     CSVLogger(root, name="csv"),
                 ]
             else:
@@ -196,6 +229,75 @@ class ViTCLI(LightningCLI):
             trainer.callbacks.append(ReleaseWhenDone(lock))
         trainer.callbacks.append(ValidateFinalStep())
         return trainer
+
+
+def explain_parse_error(message: str, args: list[str], parser: ArgumentParser) -> str:
+    """jsonargparse's ``message``, or for a key no parser accepts (a typo) one line: the key, the config file(s) in
+    ``args`` that set it (else "on the command line") and the closest accepted key (known to ``parser``, or to the
+    class a ``class_path`` names)."""
+    unknown = (re.search(r"does not accept option '([^']+)'", message) or re.match(r"Option '([^']+)' is not accepted$",
+               message) or re.match(r"unrecognized arguments: --([^\s=]+)", message))
+    container = re.match(r'Parser key "([^"]+)":', message)
+    in_class = re.search(r"class_path '([^']+)':\s+Option '([^']+)' is not accepted", message)
+    if unknown:
+        key = unknown.group(1)
+        close = _close_key(key, [str(k) for k in parser.get_defaults().keys()])
+    elif container and in_class:
+        (class_path, name), container = in_class.groups(), container.group(1)
+        key = f"{container}.init_args.{name}"
+        module, _, attribute = class_path.rpartition(".")
+        class_parser = ArgumentParser()
+        class_parser.add_class_arguments(getattr(importlib.import_module(module), attribute))
+        match = _close_key(name, [str(k) for k in class_parser.get_defaults().keys()])
+        close = f"{container}.init_args.{match}" if match else None
+    else:
+        return message
+    files = [path for path in _config_files(args) if _sets_key(path, key)]
+    where = f"in {', '.join(files)}" if files else "on the command line"
+    return f"unknown key '{key}' {where}" + (f"; did you mean '{close}'?" if close else "")
+
+
+def _close_key(key: str, known: list[str]) -> str | None:
+    """``key`` with its first unknown part replaced by the closest known one at that level (None if none is close)."""
+    parts = key.split(".")
+    prefixes = {".".join(k.split(".")[:n]) for k in known for n in range(1, len(k.split(".")) + 1)}
+    for n in range(1, len(parts) + 1):
+        prefix = ".".join(parts[:n])
+        if prefix not in prefixes:
+            parent = ".".join(parts[: n - 1])
+            siblings = {p.split(".")[-1] for p in prefixes if p.count(".") == n - 1 and p.startswith(parent)
+                        and (n == 1 or p[len(parent)] == ".")}
+            match = difflib.get_close_matches(parts[n - 1], sorted(siblings), n=1, cutoff=0.6)
+            return ".".join([*parts[: n - 1], match[0], *parts[n:]]) if match else None
+    return None
+
+
+def _config_files(args: list[str]) -> list[str]:
+    """The files given with ``--config`` / ``-c`` in ``args``, in order."""
+    files = []
+    for i, arg in enumerate(args):
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            files.append(args[i + 1])
+        elif arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+    return files
+
+
+def _sets_key(path: str, key: str) -> bool:
+    """Whether the YAML file ``path`` sets the dotted ``key`` (with or without its ``init_args`` levels)."""
+    try:
+        node = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    for parts in (key.split("."), [p for p in key.split(".") if p != "init_args"]):
+        here = node
+        for part in parts:
+            if not isinstance(here, dict) or part not in here:
+                break
+            here = here[part]
+        else:
+            return True
+    return False
 
 
 def check_ckpt_path(parser: LightningArgumentParser, config: Namespace) -> None:
@@ -222,7 +324,7 @@ def check_ckpt_path(parser: LightningArgumentParser, config: Namespace) -> None:
             )
         return  # 'best' / 'hpc' / 'registry' / 'last' for a fit that starts: Lightning resolves these itself
     checkpoint = read_checkpoint(path)
-    resolved = yaml.safe_load(parser.dump(config, skip_link_targets=False, skip_none=False))[subcommand]
+    resolved = yaml.safe_load(parser.dump(config, skip_link_targets=False, skip_unset=False))[subcommand]
     problems = []
     for saved_key, config_key in (("hyper_parameters", "model"), ("datamodule_hyper_parameters", "data")):
         saved = dict(checkpoint.get(saved_key) or {})
@@ -279,6 +381,31 @@ def die_with_parent() -> None:
         os.environ[PARENT_PID_ENV] = str(os.getpid())
 
 
+#: Lightning's advert for its cloud logger, logged by every Trainer that has no LitLogger (lightning 2.6).
+LIGHTNING_TIP = "try installing [litlogger]"
+#: Warnings from the libraries under train.py that a user of train.py cannot act on, dropped at their source
+#: (message regex, category, module regex of the line that warns). Each was seen in a `fit` or `test` here.
+KNOWN_WARNINGS = (
+    # torch 2.10+ deprecates LeafSpec, which lightning 2.6 still builds in its _pytree (once per fit and test)
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning, r"lightning\.pytorch\.utilities\._pytree"),
+)
+
+
+class _DropLightningTip(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return LIGHTNING_TIP not in record.getMessage()
+
+
+def quiet_known_noise() -> None:
+    """Drop Lightning's litlogger tip and the `KNOWN_WARNINGS`; everything else Lightning prints stays. Idempotent."""
+    for message, category, module in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropLightningTip) for f in logger.filters):
+            logger.addFilter(_DropLightningTip())
+
+
 def cli_main(args: ArgsType = None, run: bool = True) -> ViTCLI:
     """``python train.py {fit,validate,test,predict} --config configs/<name>.yaml [--section.option value ...]``;
     with ``run=False`` (no subcommand in ``args``) it only builds the model, data and trainer.
@@ -287,13 +414,16 @@ def cli_main(args: ArgsType = None, run: bool = True) -> ViTCLI:
     (`training.checkpoint.LastCheckpoint`); Lightning would end the other subcommands with status 0.
     """
     die_with_parent()
+    quiet_known_noise()
     try:
         return ViTCLI(
             ImageClassifier,
             ImageDataModule,
             subclass_mode_data=True,
             save_config_callback=SaveFitConfig,
-            save_config_kwargs={"overwrite": True},
+            save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
+            # errors come back to `ViTCLI.parse_arguments`, which names the key, the file and a close match
+            parser_kwargs={"exit_on_error": False, **{name: {"exit_on_error": False} for name in ViTCLI.subcommands()}},
             auto_configure_optimizers=False,
             args=args,
             run=run,

@@ -23,14 +23,20 @@ a study runs in it. Each run's subprocess runs in a process group of its own, wi
 workers: SIGINT (Ctrl-C) or SIGTERM to the study asks the running fits to save last.ckpt and stop (killed
 after `STOP_GRACE_SECONDS`, or at once on a second Ctrl-C), starts no queued run, and exits with status 130;
 a kill -9 of the study takes every process of its runs with it (Linux parent-death signal, passed on to the
-DDP ranks). The report goes to ``<output_dir>/results.json``, ``results.md`` and
+DDP ranks). The console gets one line per event (`Progress`: run k of n, what ended, how long it took, its
+top-1, the ETA); each run's output goes to ``fit.log`` and ``test[-<mode>].log`` in its folder (appended on a
+rerun). The report goes to ``<output_dir>/results.json``, ``results.md`` and
 ``accuracy_vs_resolution.png`` (`training.report`).
 """
 
 from __future__ import annotations
 
+import csv
 import functools
+import heapq
 import json
+import logging
+import math
 import os
 import shlex
 import signal
@@ -45,14 +51,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 from jsonargparse.typing import Path_fr
 
 import vit
 from ndrope.modules import ResolutionMode
 
 from .checkpoint import FIT_COMPLETED, RunFolderLock, check_folder, checkpoint_dir, fit_completed
-from .cli import PARENT_PID_ENV, cli_main, die_with
+from .cli import PARENT_PID_ENV, cli_main, die_with, explain_parse_error
 from .data import check_protocols
 from .files import atomic_write
 from .report import write_study_report
@@ -214,29 +220,159 @@ class RunProcesses:
 
 
 _processes = RunProcesses()
+#: Lines of a failed run's log shown on the study's console.
+FAILED_LOG_LINES = 20
 
 
-def _run(args: list[str], what: str, threads: int | None = None) -> float:
-    """Run ``train.py args`` in a subprocess with the output passed through; returns its wall time in seconds.
+def _run(args: list[str], what: str, log: Path, threads: int | None = None) -> float:
+    """Run ``train.py args`` in a subprocess, its output (stdout and stderr) appended to ``log`` after a line with
+    the command; returns its wall time in seconds. A failure raises RuntimeError with the log's last lines.
 
     ``threads``: the subprocess's CPU threads (``OMP_NUM_THREADS``) unless the environment sets them.
     The subprocess and its process group die with this process (`RunProcesses`); when this call is interrupted,
     the subprocess is asked to stop (a fit saves last.ckpt) and killed after `STOP_GRACE_SECONDS`.
     """
     command = [sys.executable, os.fspath(TRAIN_SCRIPT), *args]
-    print(f"[study] {what}: {shlex.join(command)}", flush=True)
-    start = time.perf_counter()
     env = dict(os.environ)
     if threads is not None:
         env.setdefault("OMP_NUM_THREADS", str(threads))
-    child = _processes.start(command, env)
-    try:
-        code = child.wait()
-    finally:
-        _processes.finish(child)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(log, "a") as out:
+        out.write(f"[study] {time.strftime('%Y-%m-%d %H:%M:%S')} {what}: {shlex.join(command)}\n")
+        out.flush()
+        child = _processes.start(command, env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            code = child.wait()
+        finally:
+            _processes.finish(child)
     if code:
-        raise RuntimeError(f"[study] {what} failed (exit code {code}); run the study command again to resume")
+        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-FAILED_LOG_LINES:])
+        raise RuntimeError(f"[study] {what} failed (exit code {code}); the end of {os.fspath(log)}:\n{tail}"
+                           "[study] run the study command again to resume")
     return time.perf_counter() - start
+
+
+def format_seconds(seconds: float) -> str:
+    """``"45s"``, ``"2m31s"`` or ``"1h02m"``."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def finish_time(in_flight: Sequence[float], queued: Sequence[float], jobs: int) -> float:
+    """Seconds until the last run ends: the running runs (their seconds left) hold slots, and each queued run (its
+    seconds, in order) starts in the first slot to free up, ``jobs`` slots in all (as `_in_parallel` runs them)."""
+    slots = sorted(in_flight) + [0.0] * max(0, jobs - len(in_flight))
+    heapq.heapify(slots)
+    for seconds in queued:
+        heapq.heappush(slots, heapq.heappop(slots) + seconds)
+    return max(slots, default=0.0)
+
+
+class Progress:
+    """The study's console: one line per event, e.g.
+    ``[study] run 5/12 rope_axial seed 1: fit done in 2m31s, val top-1 74.2; ETA 14 min``.
+
+    The ETA comes from the fits and tests this command ran from scratch (a resumed fit or a reused step says
+    nothing about the time of a full one): each unfinished run needs the mean fit (if its fit is not done) and
+    the mean test for each test left, less the time its current step has run, and runs go ``jobs`` at a time
+    (`finish_time`). Before the first fit has finished there is no ETA; before the first test has, the ETA
+    leaves the tests out and says so.
+    """
+
+    def __init__(self, runs: Sequence[tuple[str, int, int]], jobs: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """``runs``: (variant, seed, number of tests) per run, in the order they are queued."""
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.runs = list(runs)
+        self.jobs = jobs
+        self._fit_left = [True] * len(runs)
+        self._tests_left = [tests for _, _, tests in runs]
+        self._step_started: dict[int, float] = {}  # run index -> when its current step started (running runs)
+        self._done = [False] * len(runs)
+        self.fit_seconds: list[float] = []
+        self.test_seconds: list[float] = []
+
+    def _name(self, index: int) -> str:
+        variant, seed, _ = self.runs[index]
+        return f"run {index + 1}/{len(self.runs)} {variant} seed {seed}"
+
+    def say(self, index: int, text: str) -> None:
+        print(f"[study] {self._name(index)}: {text}", flush=True)
+
+    def start(self, index: int, text: str = "") -> None:
+        """A step (fit or test) of run ``index`` starts; ``text`` (if any) goes to the console."""
+        with self._lock:
+            self._step_started[index] = self._clock()
+        if text:
+            self.say(index, text)
+
+    def done(self, index: int, step: str, seconds: float | None, text: str) -> None:
+        """A step ended: ``seconds`` it took from scratch (None: resumed or reused, not used for the ETA)."""
+        with self._lock:
+            if step == "fit":
+                self._fit_left[index] = False
+                if seconds is not None:
+                    self.fit_seconds.append(seconds)
+            else:
+                self._tests_left[index] -= 1
+                if seconds is not None:
+                    self.test_seconds.append(seconds)
+            self._step_started.pop(index, None)
+            self._done[index] = not self._fit_left[index] and self._tests_left[index] <= 0
+            eta = self.eta_text()
+        self.say(index, f"{text}; {eta}" if eta else text)
+
+    def eta_text(self) -> str:
+        """``"ETA 14 min"``, ``"ETA under 1 min"``, ``"ETA after the first fit"``, ``"ETA over 9 min (tests not timed
+        yet)"``, ``"ETA after the first test"``, or ``"all runs done"``. Call with the lock held."""
+        open_runs = [i for i, done in enumerate(self._done) if not done]
+        if not open_runs:
+            return "all runs done"
+        if any(self._fit_left[i] for i in open_runs) and not self.fit_seconds:
+            return "ETA after the first fit"
+        fit = sum(self.fit_seconds) / len(self.fit_seconds) if self.fit_seconds else 0.0
+        test = sum(self.test_seconds) / len(self.test_seconds) if self.test_seconds else 0.0
+        now = self._clock()
+        in_flight, queued = [], []
+        for i in open_runs:
+            left = fit * self._fit_left[i] + test * self._tests_left[i]
+            if i in self._step_started:
+                in_flight.append(max(0.0, left - (now - self._step_started[i])))
+            else:
+                queued.append(left)
+        minutes = math.ceil(finish_time(in_flight, queued, self.jobs) / 60)
+        if not self.test_seconds and any(self._tests_left[i] > 0 for i in open_runs):
+            return f"ETA over {minutes} min (tests not timed yet)" if minutes else "ETA after the first test"
+        return f"ETA {minutes} min" if minutes else "ETA under 1 min"
+
+
+def last_val_top1(run_dir: Path) -> float | None:
+    """The last ``val/top1`` in the run's newest CSV log (``csv/version_N/metrics.csv``), None if it has none."""
+    versions = sorted(run_dir.glob("csv/version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[-1]))
+    if not versions:
+        return None
+    with open(versions[-1], newline="") as f:
+        values = [row["val/top1"] for row in csv.DictReader(f) if row.get("val/top1")]
+    return float(values[-1]) if values else None
+
+
+def test_summary(results: Sequence[dict[str, Any]]) -> str:
+    """``"top-1 (%) zoom 20/28/36px 55.1/74.0/70.2, canvas 30.2/74.0/73.5"``: an eval.json's results, by protocol."""
+    protocols: dict[str, list[dict[str, Any]]] = {}
+    for result in results:
+        protocols.setdefault(result.get("protocol", "zoom"), []).append(result)
+    parts = []
+    for i, (protocol, rows) in enumerate(protocols.items()):
+        resolutions = "/".join(str(r["resolution"]) for r in rows) + "px " if i == 0 else ""
+        accuracies = "/".join(f"{100 * r['top1']:.1f}" for r in rows)
+        parts.append(f"{protocol} {resolutions}{accuracies}")
+    return "top-1 (%) " + ", ".join(parts)
 
 
 def _in_parallel(fn: Callable[[T], R], items: Sequence[T], jobs: int) -> list[R]:
@@ -347,13 +483,19 @@ def run_study(
         if dry_run:
             return None
 
-        def one(plan: tuple) -> tuple[list[dict[str, Any]], float]:
-            variant, seed, run_dir, fit, modes = plan
+        progress = Progress([(variant, seed, len(modes)) for variant, seed, _, _, modes in planned], jobs)
+        tests = sum(len(modes) for *_, modes in planned)
+        print(f"[study] {len(planned)} runs ({len(variants)} variants x {len(seeds)} seeds) and {tests} tests, "
+              f"{jobs} at a time; each run's output goes to fit.log and test*.log in its folder, "
+              f"{os.fspath(output / 'runs')}/<variant>-seed<seed>/", flush=True)
+
+        def one(indexed_plan: tuple[int, tuple]) -> tuple[list[dict[str, Any]], float]:
+            index, (variant, seed, run_dir, fit, modes) = indexed_plan
             return _train_and_test(variant, seed, run_dir, fit, modes, eval_resolutions, eval_protocols, test_args,
-                                   threads)
+                                   threads, progress, index)
 
         with _stop_runs_on_interrupt():
-            outcomes = _in_parallel(one, planned, jobs)
+            outcomes = _in_parallel(one, list(enumerate(planned)), jobs)
         runs = [record for records, _ in outcomes for record in records]
         run_seconds = sum(seconds for _, seconds in outcomes)
         train_resolutions = {run["train_resolution"] for run in runs}
@@ -377,24 +519,41 @@ def run_study(
     finally:
         if lock is not None:
             lock.release()
-    print(files["results.md"].read_text())
-    print(f"[study] report: {', '.join(os.fspath(p) for p in files.values())}")
+    print("\n" + _section(files["results.md"].read_text(), "## Verdict"))
+    print(f"[study] report: {', '.join(os.fspath(p) for p in files.values())}", flush=True)
     return files
+
+
+def _section(markdown: str, heading: str) -> str:
+    """The section of ``markdown`` under ``heading`` (up to the next heading of its level), or all of it."""
+    _, found, rest = markdown.partition(heading + "\n")
+    if not found:
+        return markdown
+    level = heading.split(" ")[0]
+    return (heading + "\n" + rest.split(f"\n{level} ")[0]).strip() + "\n"
 
 
 def _preflight(configs: list[str], variants: Sequence[str], seeds: Sequence[int], eval_resolutions: Sequence[int],
                eval_protocols: Sequence[str], variant_net_args: dict[str, dict[str, Any]] | None,
                fit_args: Sequence[str], output: Path) -> None:
     """Build each variant's model and data once in-process, so a bad option fails now, not after hours."""
-    for variant in variants:
-        args = fit_command(configs, variant, seeds[0], output / "preflight", fit_args, variant_net_args)[1:]
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-            cli_main(
-                [*args, "--model.eval_resolutions", json.dumps(list(eval_resolutions)),
-                 "--model.eval_protocols", json.dumps(list(eval_protocols)), "--trainer.logger=false"],
-                run=False,
-            )
+    lightning = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in lightning]
+    try:
+        for logger in lightning:  # Lightning's info lines (seed, devices) for each variant: not news here
+            logger.setLevel(logging.WARNING)
+        for variant in variants:
+            args = fit_command(configs, variant, seeds[0], output / "preflight", fit_args, variant_net_args)[1:]
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+                cli_main(
+                    [*args, "--model.eval_resolutions", json.dumps(list(eval_resolutions)),
+                     "--model.eval_protocols", json.dumps(list(eval_protocols)), "--trainer.logger=false"],
+                    run=False,
+                )
+    finally:
+        for logger, level in zip(lightning, levels):
+            logger.setLevel(level)
     print(f"[study] configuration checked for variants {list(variants)}", flush=True)
 
 
@@ -408,12 +567,16 @@ def _train_and_test(
     eval_protocols: Sequence[str],
     test_args: Sequence[str] = (),
     threads: int | None = None,
+    progress: Progress | None = None,
+    index: int = 0,
 ) -> tuple[list[dict[str, Any]], float]:
-    """One run: fit (resuming from last.ckpt if a previous attempt stopped), then one test per mode.
+    """One run: fit (resuming from last.ckpt if a previous attempt stopped), then one test per mode; each step's
+    output goes to ``<run_dir>/fit.log`` / ``test[-<mode>].log``, and its start and end to ``progress``.
 
     Finished steps are reused. Returns one record per mode and the seconds spent here; ``fit_seconds`` is
     the wall time of the fit command that finished the run (after a resume, of that part).
     """
+    progress = progress or Progress([(variant, seed, len(modes))], 1)
     spent = 0.0
     started = run_dir / "run.json"
     if started.exists():
@@ -432,32 +595,50 @@ def _train_and_test(
         atomic_write(started, json.dumps({"args": fit}, indent=2) + "\n")
     fit_record = run_dir / "fit.json"
     if not fit_completed(run_dir):
-        resume = ["--ckpt_path", "last"] if (Path(checkpoint_dir(run_dir)) / "last.ckpt").exists() else []
+        last = Path(checkpoint_dir(run_dir)) / "last.ckpt"
+        resume = ["--ckpt_path", "last"] if last.exists() else []
         fit_record.unlink(missing_ok=True)
-        seconds = _run(fit + resume, f"fit {variant} seed {seed}", threads=threads)
+        log = run_dir / "fit.log"
+        progress.start(index, f"fit {'resumed from last.ckpt' if resume else 'started'}, log {os.fspath(log)}")
+        seconds = _run(fit + resume, f"fit {variant} seed {seed}", log, threads=threads)
         spent += seconds
         if not fit_completed(run_dir):
             raise RuntimeError(
                 f"[study] fit {variant} seed {seed} exited without finishing its budget (no {FIT_COMPLETED} for "
-                f"its last.ckpt in {checkpoint_dir(run_dir)}); run the study command again to resume"
+                f"its last.ckpt in {checkpoint_dir(run_dir)}); see {os.fspath(log)}; run the study command again "
+                "to resume"
             )
         atomic_write(fit_record, json.dumps({"seconds": seconds, "args": fit, "resumed": bool(resume)}, indent=2) + "\n")
-    elif not fit_record.exists():  # the study stopped between the end of the fit and this record
-        seconds = json.loads((Path(checkpoint_dir(run_dir)) / FIT_COMPLETED).read_text())["seconds"]
-        atomic_write(fit_record, json.dumps({"seconds": seconds, "args": fit, "resumed": True}, indent=2) + "\n")
+        val = last_val_top1(run_dir)
+        progress.done(index, "fit", None if resume else seconds,
+                      f"fit {'(resumed) ' if resume else ''}done in {format_seconds(seconds)}"
+                      + (f", val top-1 {100 * val:.1f}" if val is not None else ""))
+    else:
+        if not fit_record.exists():  # the study stopped between the end of the fit and this record
+            seconds = json.loads((Path(checkpoint_dir(run_dir)) / FIT_COMPLETED).read_text())["seconds"]
+            atomic_write(fit_record, json.dumps({"seconds": seconds, "args": fit, "resumed": True}, indent=2) + "\n")
+        progress.done(index, "fit", None, "fit finished earlier, reused")
     records = []
     for mode in modes:
-        eval_path = run_dir / ("test" if mode is None else f"test-{mode}") / "eval.json"
+        name = "test" if mode is None else f"test-{mode}"
+        eval_path = run_dir / name / "eval.json"
         command = [*test_command(run_dir, eval_resolutions, eval_protocols, mode), *test_args]
         record = eval_path.parent / "study_test.json"  # the exact test command, so other test_args retest
         same_command = record.exists() and json.loads(record.read_text())["args"] == command
+        what = f"test {variant} seed {seed}" + (f" {mode}" if mode else "")
         if not (same_command and _tested(eval_path, run_dir / "checkpoints" / "last.ckpt", mode, eval_resolutions,
                                          eval_protocols)):
-            what = f"test {variant} seed {seed}" + (f" {mode}" if mode else "")
             record.unlink(missing_ok=True)
-            spent += _run(command, what, threads=threads)
+            progress.start(index)
+            seconds = _run(command, what, run_dir / f"{name}.log", threads=threads)
+            spent += seconds
             atomic_write(record, json.dumps({"args": command}, indent=2) + "\n")
+        else:
+            seconds = None
         report = json.loads(eval_path.read_text())
+        progress.done(index, "test", seconds,
+                      f"{name} " + (f"done in {format_seconds(seconds)}" if seconds is not None else "reused")
+                      + f", {test_summary(report['results'])}")
         records.append(
             {
                 "variant": variant,
@@ -493,11 +674,17 @@ def main(args: Sequence[str] | None = None) -> dict[str, Path] | None:
     `run_study` with its arguments from study YAML files (composed in order) and the command line; the options
     after ``--`` are ``fit_args``. Returns the report files (None for a dry run); exits with status 130 when
     interrupted (SIGINT or SIGTERM)."""
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m training.study", description=__doc__.split("\n\n")[0], exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="a study YAML file, e.g. configs/study_*.yaml")
     parser.add_function_arguments(run_study, skip={"fit_args"}, as_group=False)
     parser.add_argument("fit_args", nargs="*", default=[], help="train.py fit options for every run, after `--`")
-    config = parser.parse_args(args).as_dict()
+    try:
+        config = parser.parse_args(args).as_dict()
+    except ArgumentError as error:
+        given = list(sys.argv[1:] if args is None else args)
+        print(f"{parser.prog}: error: {explain_parse_error(str(error), given, parser)}\n(`{parser.prog} --help` lists "
+              "every option)", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     config.pop("config", None)
     try:
         return run_study(**config)

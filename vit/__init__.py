@@ -7,6 +7,18 @@
 Importing the package registers the ``ndrope_vit_*`` names with timm (`vit.registry`).
 """
 
+try:  # the `vit` extra: say which one, not just "No module named 'timm'"
+    import einops  # noqa: F401
+    import timm  # noqa: F401
+except ModuleNotFoundError as error:
+    if error.name not in ("einops", "timm"):
+        raise
+    raise ModuleNotFoundError(
+        f"vit needs {error.name}, which is not installed: pip install \"ndrope-vit[vit]\" (in a checkout: "
+        f"pip install -e \".[vit]\"); ndrope itself needs only torch",
+        name=error.name,
+    ) from None
+
 from .attention import ROPE_LAYOUT, RopeAttention, RopeBlock
 from .model import (
     DEFAULT_POS_EMBED,
