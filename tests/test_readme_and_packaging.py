@@ -84,7 +84,7 @@ def test_readme_multimodal_example_is_the_real_output():
 
 
 def test_license_file_matches_the_metadata():
-    metadata = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["license"]
+    metadata = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["license"]
     assert "Apache-2.0" in str(metadata)
-    text = (REPO / "LICENSE").read_text()
+    text = (ROOT / "LICENSE").read_text()
     assert text.lstrip().startswith("Apache License") and "Version 2.0, January 2004" in text
