@@ -32,7 +32,7 @@ import vit
 from training.checkpoint import RunFolderLock, fit_completed
 from training.cli import auto_precision, cli_main
 from training.data import FashionMNISTData
-from training.module import ImageClassifier
+from training.module import ImageClassifier, draw_resolution
 from training.transforms import eval_transform
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
@@ -260,6 +260,7 @@ def assert_same_training(a_dir: Path, b_dir: Path, epoch_and_step: tuple[int, in
 #: differently shows; batch 8: 7 steps per epoch.
 RANDOM_TRAINING = ["--data.batch_size=8", "--trainer.max_epochs=2", "--model.net.init_args.drop_path_rate=0.2",
                    "--model.mixup_alpha=0.8", "--model.cutmix_alpha=1.0", "--data.randaugment_magnitude=9",
+                   "--model.train_resolutions=[20, 28, 36]",  # multi-resolution training: drawn per batch
                    "--trainer.limit_val_batches=1", "--data.num_workers=0"]
 
 
@@ -766,3 +767,23 @@ def test_fsdp2_on_two_processes_gives_the_losses_of_one(data: Path, tmp_path: Pa
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "fsdp2" / "test" / "eval.json").exists()
+
+
+# ----------------------------------------------------------------------------- multi-resolution training
+
+
+def test_multi_resolution_training_draws_a_size_per_batch(data: Path, tmp_path: Path) -> None:
+    """`--model.train_resolutions`: each training batch at one of the sizes, drawn by (seed, epoch, batch);
+    validation stays at the training size. Sizes off the patch grid are refused, naming the argument."""
+    cli = cli_main(fashion_args(data, tmp_path, "--model.train_resolutions=[20, 28, 36]", "--trainer.max_epochs=2",
+                                "--data.batch_size=8", "--trainer.limit_val_batches=1"), run=False)
+    seen: list[tuple[bool, int]] = []
+    cli.model.net.register_forward_pre_hook(lambda net, args: seen.append((net.training, args[0].shape[-1])))
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    steps = cli.trainer.num_training_batches
+    expected = [draw_resolution([20, 28, 36], 0, epoch, batch) for epoch in range(2) for batch in range(steps)]
+    assert [size for training, size in seen if training] == expected
+    assert set(expected) == {20, 28, 36}  # every size is drawn in these 14 batches
+    assert {size for training, size in seen if not training} == {28}  # validation at img_size
+    with pytest.raises(ValueError, match=r"train_resolutions=\[30\]"):
+        cli_main(fashion_args(data, tmp_path / "bad", "--model.train_resolutions=[30]"), run=False)

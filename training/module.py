@@ -42,6 +42,13 @@ def net_geometry(net: nn.Module) -> tuple[int, int]:
     return int(patch[0]), int(size[0])
 
 
+def draw_resolution(resolutions: list[int], seed: int, epoch: int, batch: int) -> int:
+    """One of ``resolutions`` for a training batch, drawn from (seed, epoch, batch) alone: the same on every
+    rank and again after a resume."""
+    draw = int(np.random.SeedSequence([seed, epoch, batch, len(resolutions)]).generate_state(1)[0])
+    return resolutions[draw % len(resolutions)]
+
+
 def accuracy_metrics(num_classes: int) -> MetricCollection:
     """Top-1, plus top-5 when there are more than 10 classes; inputs are logits (B, num_classes) and labels (B,)."""
     metrics = {"top1": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
@@ -63,6 +70,10 @@ class ImageClassifier(LightningModule):
         min_lr_ratio: final learning rate as a fraction of ``lr``.
         label_smoothing: for the cross-entropy (and inside mixup targets).
         mixup_alpha, cutmix_alpha: timm Mixup/CutMix strengths; both 0 disables them.
+        train_resolutions: multi-resolution training (FlexiViT, ResFormer): each training batch is resized
+            to one of these resolutions (multiples of the patch size), drawn by (seed, epoch, batch): the
+            same on every rank and again after a resume. None trains at ``img_size`` only. Validation and
+            the RoPE reference grid stay at ``img_size``.
         compile: ``torch.compile(fullgraph=True, dynamic=True)`` the network (checkpoint keys are unchanged), in
             `configure_model` after any sharding: evaluation at every test resolution reuses one graph.
         eval_resolutions: test resolutions, each a multiple of the patch size; default the training one.
@@ -84,6 +95,7 @@ class ImageClassifier(LightningModule):
         label_smoothing: float = 0.1,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
+        train_resolutions: list[int] | None = None,
         compile: bool = False,
         eval_resolutions: list[int] | None = None,
         eval_protocols: list[EvalProtocol] | None = None,
@@ -102,8 +114,15 @@ class ImageClassifier(LightningModule):
         self.resolution_mode = resolution_mode
         self.patch_size, self.train_resolution = net_geometry(net)
         self.eval_resolutions = list(eval_resolutions or [self.train_resolution])
+        if train_resolutions is not None and not train_resolutions:
+            raise ValueError("train_resolutions=[] must list at least one resolution (or be None: img_size only)")
+        self.train_resolutions = None if train_resolutions is None else list(train_resolutions)
         self.eval_protocols = check_protocols(eval_protocols)
-        for name, sizes in (("img_size", [self.train_resolution]), ("eval_resolutions", self.eval_resolutions)):
+        for name, sizes in (
+            ("img_size", [self.train_resolution]),
+            ("eval_resolutions", self.eval_resolutions),
+            ("train_resolutions", self.train_resolutions or []),
+        ):
             bad = [r for r in sizes if r < self.patch_size or r % self.patch_size]
             if bad:
                 raise ValueError(
@@ -175,8 +194,18 @@ class ImageClassifier(LightningModule):
             np.random.seed(int(state[0]))
             torch.manual_seed(batch_seed)
 
+    def batch_resolution(self, batch_idx: int) -> int:
+        """The resolution of a training batch: ``img_size``, or `draw_resolution` from ``train_resolutions``."""
+        if self.train_resolutions is None:
+            return self.train_resolution
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        return draw_resolution(self.train_resolutions, seed, self.current_epoch, batch_idx)
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
+        resolution = self.batch_resolution(batch_idx)
+        if resolution != x.shape[-1]:  # the augmented batch, resized as a whole (antialiased when shrinking)
+            x = nn.functional.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True)
         target = y
         if self.mixup is not None:
             x, target = self.mixup(x, y)
