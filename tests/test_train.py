@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -179,7 +180,23 @@ def test_net_is_a_hyperparameter_only_as_a_config(data: Path, tmp_path: Path, re
     saved = cli.model.hparams
     assert saved["net"]["class_path"] == "vit.NDRopeVisionTransformer"
     assert saved["net"]["init_args"]["pos_embed"] == "rope_axial" and saved["net"]["init_args"]["embed_dim"] == 32
-    assert not {"eval_resolutions", "eval_protocols", "resolution_mode", "compile"} & set(saved)
+    assert not {"eval_resolutions", "eval_protocols", "resolution_mode", "attn_logit_scale", "compile"} & set(saved)
+
+
+def test_attn_logit_scale_is_an_evaluation_switch_of_the_net(data: Path, tmp_path: Path) -> None:
+    """--model.attn_logit_scale reaches the net, never the checkpoint's hyperparameters; the net's own
+    setting from YAML (model.net.init_args.attn_logit_scale) stays unless the module's is given."""
+    cli = cli_main(fashion_args(data, tmp_path, "--model.attn_logit_scale=log-length"), run=False)
+    assert cli.model.net.attn_logit_scale == "log-length" and "attn_logit_scale" not in cli.model.hparams
+    cli = cli_main(fashion_args(data, tmp_path, "--model.net.init_args.attn_logit_scale=log-length"), run=False)
+    assert cli.model.net.attn_logit_scale == "log-length"
+    net = vit.NDRopeVisionTransformer("learned", img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=32,
+                                      depth=1, num_heads=2)  # fmt: skip
+    with pytest.raises(ValueError, match=r"attn_logit_scale='log_length' is not supported; choose one of \['none', 'log-length'\]"):
+        ImageClassifier(net, attn_logit_scale="log_length")
+    timm_net = timm.create_model("vit_tiny_patch16_224", img_size=28, patch_size=4, in_chans=1, num_classes=10)
+    with pytest.raises(TypeError, match="attn_logit_scale='log-length' needs a net with set_attn_logit_scale"):
+        ImageClassifier(timm_net, attn_logit_scale="log-length")
 
 
 def test_precision_is_auto() -> None:

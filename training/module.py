@@ -19,6 +19,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from ndrope.modules import ResolutionMode
+from vit.attention import AttnLogitScale
 
 from .data import check_protocols
 from .report import format_eval_table, write_eval_report
@@ -78,6 +79,8 @@ class ImageClassifier(LightningModule):
             (default ``["zoom"]``); results are keyed by (protocol, resolution).
         resolution_mode: passed to ``net.set_resolution_mode`` (how positions adapt to another grid);
             None keeps the model's default.
+        attn_logit_scale: passed to ``net.set_attn_logit_scale`` (``"log-length"``: attention logits
+            times log(n) / log(n_train) at other resolutions); None keeps the model's setting.
 
     Test results are written to ``<trainer.log_dir>/eval.json`` and ``eval.csv``.
     """
@@ -96,18 +99,19 @@ class ImageClassifier(LightningModule):
         eval_resolutions: list[int] | None = None,
         eval_protocols: list[EvalProtocol] | None = None,
         resolution_mode: ResolutionMode | None = None,
+        attn_logit_scale: AttnLogitScale | None = None,
     ) -> None:
         super().__init__()
         # Evaluation and runtime switches stay out of the checkpoint, so a checkpoint's hyperparameters
         # describe what was trained. Under LightningCLI `net` is saved as its class_path/init_args config;
         # a net passed from Python is not a hyperparameter (its weights are in the state dict), so it is dropped.
-        runtime = ["eval_resolutions", "eval_protocols", "resolution_mode", "compile"]
+        runtime = ["eval_resolutions", "eval_protocols", "resolution_mode", "attn_logit_scale", "compile"]
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Attribute 'net' is an instance of `nn.Module`")
             self.save_hyperparameters(ignore=runtime)
         if isinstance(self.hparams.get("net"), nn.Module):
             self.save_hyperparameters(ignore=[*runtime, "net"])
-        self.resolution_mode = resolution_mode
+        self.resolution_mode, self.attn_logit_scale = resolution_mode, attn_logit_scale
         self.patch_size, self.train_resolution = net_geometry(net)
         self.eval_resolutions = list(eval_resolutions or [self.train_resolution])
         self.eval_protocols = check_protocols(eval_protocols)
@@ -124,6 +128,11 @@ class ImageClassifier(LightningModule):
         self.net = net
         if resolution_mode is not None:
             self.net.set_resolution_mode(resolution_mode)
+        if attn_logit_scale is not None:
+            if not hasattr(self.net, "set_attn_logit_scale"):
+                raise TypeError(f"attn_logit_scale={attn_logit_scale!r} needs a net with set_attn_logit_scale "
+                                f"(vit.NDRopeVisionTransformer), got {type(net).__name__}")  # fmt: skip
+            self.net.set_attn_logit_scale(attn_logit_scale)
         self.compile_net = compile
         self.mixup = None
         if mixup_alpha > 0 or cutmix_alpha > 0:
@@ -234,6 +243,7 @@ class ImageClassifier(LightningModule):
             "train_resolution": self.train_resolution,
             "patch_size": self.patch_size,
             "resolution_mode": self.resolution_mode,
+            "attn_logit_scale": self.attn_logit_scale,
             "test_samples": self.test_samples[0],
             "num_params": sum(p.numel() for p in self.net.parameters()),
         }
