@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 import yaml
 from interruptions import CrashAtStep, SignalAtStep
@@ -32,7 +33,7 @@ import vit
 from training.checkpoint import RunFolderLock, fit_completed
 from training.cli import auto_precision, cli_main
 from training.data import FashionMNISTData
-from training.module import ImageClassifier, draw_resolution
+from training.module import ImageClassifier
 from training.transforms import eval_transform
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
@@ -144,6 +145,14 @@ def test_multi_resolution_eval_matches_manual_evaluation(
     assert interpolated["meta"]["resolution_mode"] == "interpolate"
     assert interpolated["results"][0] == report["results"][1]  # 28px, identical
     assert json.loads((tmp_path / "test" / "eval.json").read_text()) == report
+    # So does the attention-entropy scale: its own folder, the unscaled results untouched
+    cli_main(["test", "--config", str(tmp_path / "config.yaml"), f"--ckpt_path={ckpt}",
+              "--model.eval_resolutions=[28, 36]", "--model.eval_protocols=[zoom]",
+              "--model.resolution_mode=interpolate", "--model.attn_logit_scale=log-length"])
+    scaled = json.loads((tmp_path / "test-interpolate-log-length" / "eval.json").read_text())
+    assert scaled["meta"]["attn_logit_scale"] == "log-length"
+    assert scaled["results"][0] == report["results"][1]  # the identity at the training size
+    assert json.loads((tmp_path / "test-interpolate" / "eval.json").read_text()) == interpolated
 
 
 def test_fit_validates_on_the_hold_out_never_the_test_split(data: Path, tmp_path: Path) -> None:
@@ -186,7 +195,23 @@ def test_net_is_a_hyperparameter_only_as_a_config(data: Path, tmp_path: Path, re
     saved = cli.model.hparams
     assert saved["net"]["class_path"] == "vit.NDRopeVisionTransformer"
     assert saved["net"]["init_args"]["pos_embed"] == "rope_axial" and saved["net"]["init_args"]["embed_dim"] == 32
-    assert not {"eval_resolutions", "eval_protocols", "resolution_mode", "compile"} & set(saved)
+    assert not {"eval_resolutions", "eval_protocols", "resolution_mode", "attn_logit_scale", "compile"} & set(saved)
+
+
+def test_attn_logit_scale_is_an_evaluation_switch_of_the_net(data: Path, tmp_path: Path) -> None:
+    """--model.attn_logit_scale reaches the net, never the checkpoint's hyperparameters; the net's own
+    setting from YAML (model.net.init_args.attn_logit_scale) stays unless the module's is given."""
+    cli = cli_main(fashion_args(data, tmp_path, "--model.attn_logit_scale=log-length"), run=False)
+    assert cli.model.net.attn_logit_scale == "log-length" and "attn_logit_scale" not in cli.model.hparams
+    cli = cli_main(fashion_args(data, tmp_path, "--model.net.init_args.attn_logit_scale=log-length"), run=False)
+    assert cli.model.net.attn_logit_scale == "log-length"
+    net = vit.NDRopeVisionTransformer("learned", img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=32,
+                                      depth=1, num_heads=2)  # fmt: skip
+    with pytest.raises(ValueError, match=r"attn_logit_scale='log_length' is not supported; choose one of \['none', 'log-length'\]"):
+        ImageClassifier(net, attn_logit_scale="log_length")
+    timm_net = timm.create_model("vit_tiny_patch16_224", img_size=28, patch_size=4, in_chans=1, num_classes=10)
+    with pytest.raises(TypeError, match="attn_logit_scale='log-length' needs a net with set_attn_logit_scale"):
+        ImageClassifier(timm_net, attn_logit_scale="log-length")
 
 
 def test_precision_is_auto() -> None:
@@ -781,7 +806,8 @@ def test_multi_resolution_training_draws_a_size_per_batch(data: Path, tmp_path: 
     cli.model.net.register_forward_pre_hook(lambda net, args: seen.append((net.training, args[0].shape[-1])))
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     steps = cli.trainer.num_training_batches
-    expected = [draw_resolution([20, 28, 36], 0, epoch, batch) for epoch in range(2) for batch in range(steps)]
+    expected = [vit.draw_image_size([20, 28, 36], seed=0, epoch=epoch, batch_index=batch)
+                for epoch in range(2) for batch in range(steps)]
     assert [size for training, size in seen if training] == expected
     assert set(expected) == {20, 28, 36}  # every size is drawn in these 14 batches
     assert {size for training, size in seen if not training} == {28}  # validation at img_size

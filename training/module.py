@@ -18,11 +18,19 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from ndrope.modules import ResolutionMode
+from vit import AttnLogitScale, check_image_sizes, draw_image_size
 
 from .data import check_protocols
 from .report import format_eval_table, write_eval_report
 from .schedule import warmup_cosine
 from .transforms import EvalProtocol
+
+
+def eval_folder(stage: str, resolution_mode: str | None = None, attn_logit_scale: str | None = None) -> str:
+    """The run folder's subfolder of one evaluation: ``test``, or ``test-interpolate``, ``test-log-length``,
+    ``test-interpolate-log-length`` when those evaluation options are given (``"none"`` scale: ``test``)."""
+    options = [resolution_mode, None if attn_logit_scale == "none" else attn_logit_scale]
+    return "-".join([stage, *(option for option in options if option)])
 
 
 def net_geometry(net: nn.Module) -> tuple[int, int]:
@@ -40,13 +48,6 @@ def net_geometry(net: nn.Module) -> tuple[int, int]:
     if len(set(patch)) != 1 or len(set(size)) != 1:
         raise ValueError(f"net has patch_size={patch}, img_size={size}; ImageClassifier needs square images and patches")
     return int(patch[0]), int(size[0])
-
-
-def draw_resolution(resolutions: list[int], seed: int, epoch: int, batch: int) -> int:
-    """One of ``resolutions`` for a training batch, drawn from (seed, epoch, batch) alone: the same on every
-    rank and again after a resume."""
-    draw = int(np.random.SeedSequence([seed, epoch, batch, len(resolutions)]).generate_state(1)[0])
-    return resolutions[draw % len(resolutions)]
 
 
 def accuracy_metrics(num_classes: int) -> MetricCollection:
@@ -81,6 +82,8 @@ class ImageClassifier(LightningModule):
             (default ``["zoom"]``); results are keyed by (protocol, resolution).
         resolution_mode: passed to ``net.set_resolution_mode`` (how positions adapt to another grid);
             None keeps the model's default.
+        attn_logit_scale: passed to ``net.set_attn_logit_scale`` (``"log-length"``: attention logits
+            times log(n) / log(n_train) at other resolutions); None keeps the model's setting.
 
     Test results are written to ``<trainer.log_dir>/eval.json`` and ``eval.csv``.
     """
@@ -100,29 +103,26 @@ class ImageClassifier(LightningModule):
         eval_resolutions: list[int] | None = None,
         eval_protocols: list[EvalProtocol] | None = None,
         resolution_mode: ResolutionMode | None = None,
+        attn_logit_scale: AttnLogitScale | None = None,
     ) -> None:
         super().__init__()
         # Evaluation and runtime switches stay out of the checkpoint, so a checkpoint's hyperparameters
         # describe what was trained. Under LightningCLI `net` is saved as its class_path/init_args config;
         # a net passed from Python is not a hyperparameter (its weights are in the state dict), so it is dropped.
-        runtime = ["eval_resolutions", "eval_protocols", "resolution_mode", "compile"]
+        runtime = ["eval_resolutions", "eval_protocols", "resolution_mode", "attn_logit_scale", "compile"]
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Attribute 'net' is an instance of `nn.Module`")
             self.save_hyperparameters(ignore=runtime)
         if isinstance(self.hparams.get("net"), nn.Module):
             self.save_hyperparameters(ignore=[*runtime, "net"])
-        self.resolution_mode = resolution_mode
+        self.resolution_mode, self.attn_logit_scale = resolution_mode, attn_logit_scale
         self.patch_size, self.train_resolution = net_geometry(net)
         self.eval_resolutions = list(eval_resolutions or [self.train_resolution])
-        if train_resolutions is not None and not train_resolutions:
-            raise ValueError("train_resolutions=[] must list at least one resolution (or be None: img_size only)")
-        self.train_resolutions = None if train_resolutions is None else list(train_resolutions)
+        self.train_resolutions = None if train_resolutions is None else list(
+            check_image_sizes(train_resolutions, self.patch_size, name="train_resolutions")
+        )
         self.eval_protocols = check_protocols(eval_protocols)
-        for name, sizes in (
-            ("img_size", [self.train_resolution]),
-            ("eval_resolutions", self.eval_resolutions),
-            ("train_resolutions", self.train_resolutions or []),
-        ):
+        for name, sizes in (("img_size", [self.train_resolution]), ("eval_resolutions", self.eval_resolutions)):
             bad = [r for r in sizes if r < self.patch_size or r % self.patch_size]
             if bad:
                 raise ValueError(
@@ -135,6 +135,11 @@ class ImageClassifier(LightningModule):
         self.net = net
         if resolution_mode is not None:
             self.net.set_resolution_mode(resolution_mode)
+        if attn_logit_scale is not None:
+            if not hasattr(self.net, "set_attn_logit_scale"):
+                raise TypeError(f"attn_logit_scale={attn_logit_scale!r} needs a net with set_attn_logit_scale "
+                                f"(vit.NDRopeVisionTransformer), got {type(net).__name__}")  # fmt: skip
+            self.net.set_attn_logit_scale(attn_logit_scale)
         self.compile_net = compile
         self.mixup = None
         if mixup_alpha > 0 or cutmix_alpha > 0:
@@ -195,11 +200,12 @@ class ImageClassifier(LightningModule):
             torch.manual_seed(batch_seed)
 
     def batch_resolution(self, batch_idx: int) -> int:
-        """The resolution of a training batch: ``img_size``, or `draw_resolution` from ``train_resolutions``."""
+        """The resolution of a training batch: ``img_size``, or one of ``train_resolutions`` drawn by (seed,
+        epoch, batch) (`vit.draw_image_size`): the same on every rank and again after a resume."""
         if self.train_resolutions is None:
             return self.train_resolution
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        return draw_resolution(self.train_resolutions, seed, self.current_epoch, batch_idx)
+        return draw_image_size(self.train_resolutions, seed=seed, epoch=self.current_epoch, batch_index=batch_idx)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
@@ -257,6 +263,7 @@ class ImageClassifier(LightningModule):
             "train_resolution": self.train_resolution,
             "patch_size": self.patch_size,
             "resolution_mode": self.resolution_mode,
+            "attn_logit_scale": self.attn_logit_scale,
             "test_samples": self.test_samples[0],
             "num_params": sum(p.numel() for p in self.net.parameters()),
         }
