@@ -813,3 +813,34 @@ def test_multi_resolution_training_draws_a_size_per_batch(data: Path, tmp_path: 
     assert {size for training, size in seen if not training} == {28}  # validation at img_size
     with pytest.raises(ValueError, match=r"train_resolutions=\[30\]"):
         cli_main(fashion_args(data, tmp_path / "bad", "--model.train_resolutions=[30]"), run=False)
+
+
+def test_packed_training_gives_each_image_its_own_size(data: Path, tmp_path: Path) -> None:
+    """`--model.packing true`: each training image at its own size (drawn per sample), one packed sequence per
+    batch (mixup before the resize); validation and test run packed and give the unpacked logits."""
+    args = fashion_args(data, tmp_path, "--model.packing=true", "--model.train_resolutions=[20, 28, 36]",
+                        "--model.mixup_alpha=0.8", "--data.batch_size=8", "--trainer.max_steps=3",
+                        "--trainer.limit_val_batches=1")
+    cli = cli_main(args, run=False)
+    packed_sizes: list[list[int]] = []
+    forward_packed = cli.model.net.forward_packed
+
+    def recording(images, **kwargs):
+        if cli.model.training:
+            packed_sizes.append([image.shape[-1] for image in images])
+        return forward_packed(images, **kwargs)
+
+    cli.model.net.forward_packed = recording
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    expected = [[vit.draw_image_size([20, 28, 36], seed=0, epoch=0, batch_index=8 * batch + i) for i in range(8)]
+                for batch in range(3)]
+    assert packed_sizes == expected and len({size for sizes in expected for size in sizes}) > 1
+    x = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        plain = ImageClassifier(cli.model.net, packing=False).eval().logits(x)
+        torch.testing.assert_close(cli.model.eval().logits(x), plain, atol=1e-5, rtol=1e-5)
+    cli_main(["test", "--config", str(tmp_path / "config.yaml"), "--ckpt_path=last", "--model.eval_resolutions=[28, 36]"])
+    assert (tmp_path / "test" / "eval.json").exists()
+    with pytest.raises(TypeError, match="packing=True needs a net with forward_packed"):
+        ImageClassifier(timm.create_model("vit_tiny_patch16_224", img_size=28, patch_size=4, in_chans=1, num_classes=10,
+                                          depth=1), packing=True)

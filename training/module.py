@@ -33,6 +33,13 @@ def eval_folder(stage: str, resolution_mode: str | None = None, attn_logit_scale
     return "-".join([stage, *(option for option in options if option)])
 
 
+def resize(images: Tensor, resolution: int) -> Tensor:
+    """Images (B, C, r, r) at ``resolution`` (bilinear, antialiased when shrinking); unchanged at their own size."""
+    if images.shape[-1] == resolution and images.shape[-2] == resolution:
+        return images
+    return nn.functional.interpolate(images, size=(resolution, resolution), mode="bilinear", antialias=True)
+
+
 def net_geometry(net: nn.Module) -> tuple[int, int]:
     """(patch_size, img_size) of a square-patch image ViT: read from ``net.patch_embed`` (timm's layout)."""
     embed = getattr(net, "patch_embed", None)
@@ -75,6 +82,10 @@ class ImageClassifier(LightningModule):
             to one of these resolutions (multiples of the patch size), drawn by (seed, epoch, batch): the
             same on every rank and again after a resume. None trains at ``img_size`` only. Validation and
             the RoPE reference grid stay at ``img_size``.
+        packing: NaFlex-style packed batches: each training image is resized to its own size (drawn from
+            ``train_resolutions`` by seed, epoch and sample) and a batch runs as one packed sequence
+            (``net.forward_packed``: per-image positions, a block-diagonal mask); validation and test batches
+            run packed too. Needs a net with ``forward_packed`` (`vit.NDRopeVisionTransformer`).
         compile: ``torch.compile(fullgraph=True, dynamic=True)`` the network (checkpoint keys are unchanged), in
             `configure_model` after any sharding: evaluation at every test resolution reuses one graph.
         eval_resolutions: test resolutions, each a multiple of the patch size; default the training one.
@@ -99,6 +110,7 @@ class ImageClassifier(LightningModule):
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
         train_resolutions: list[int] | None = None,
+        packing: bool = False,
         compile: bool = False,
         eval_resolutions: list[int] | None = None,
         eval_protocols: list[EvalProtocol] | None = None,
@@ -118,6 +130,9 @@ class ImageClassifier(LightningModule):
         self.resolution_mode, self.attn_logit_scale = resolution_mode, attn_logit_scale
         self.patch_size, self.train_resolution = net_geometry(net)
         self.eval_resolutions = list(eval_resolutions or [self.train_resolution])
+        if packing and not callable(getattr(net, "forward_packed", None)):
+            raise TypeError(f"packing=True needs a net with forward_packed (vit.NDRopeVisionTransformer), not {type(net).__name__}")
+        self.packing = packing
         self.train_resolutions = None if train_resolutions is None else list(
             check_image_sizes(train_resolutions, self.patch_size, name="train_resolutions")
         )
@@ -201,28 +216,35 @@ class ImageClassifier(LightningModule):
 
     def batch_resolution(self, batch_idx: int) -> int:
         """The resolution of a training batch: ``img_size``, or one of ``train_resolutions`` drawn by (seed,
-        epoch, batch) (`vit.draw_image_size`): the same on every rank and again after a resume."""
+        epoch, batch) (`vit.draw_image_size`): the same on every rank and again after a resume. With
+        ``packing``, ``batch_idx`` is the sample's index in the epoch: one size per image."""
         if self.train_resolutions is None:
             return self.train_resolution
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         return draw_image_size(self.train_resolutions, seed=seed, epoch=self.current_epoch, batch_index=batch_idx)
 
+    def logits(self, x: Tensor) -> Tensor:
+        """Images (B, C, r, r) -> logits, run packed with ``packing`` (the same numbers up to rounding)."""
+        return self.net.forward_packed(list(x)) if self.packing else self(x)
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        resolution = self.batch_resolution(batch_idx)
-        if resolution != x.shape[-1]:  # the augmented batch, resized as a whole (antialiased when shrinking)
-            x = nn.functional.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True)
         target = y
-        if self.mixup is not None:
+        if self.mixup is not None:  # on the augmented batch, before any resize
             x, target = self.mixup(x, y)
-        loss = self.criterion(self(x), target)
+        if self.packing:  # one size per image, one packed sequence
+            sizes = [self.batch_resolution(batch_idx * len(x) + i) for i in range(len(x))]
+            logits = self.net.forward_packed([resize(image[None], size)[0] for image, size in zip(x, sizes)])
+        else:  # the augmented batch, resized as a whole
+            logits = self(resize(x, self.batch_resolution(batch_idx)))
+        loss = self.criterion(logits, target)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the mean over data-parallel ranks
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
-        logits = self(x)
+        logits = self.logits(x)
         self.log("val/loss", nn.functional.cross_entropy(logits, y), sync_dist=True)
         self.val_metrics.update(logits, y)
 
@@ -242,7 +264,7 @@ class ImageClassifier(LightningModule):
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         x, y = batch
         (protocol, resolution), metrics = self.eval_keys[dataloader_idx], self.test_metrics[dataloader_idx]
-        metrics.update(self(x), y)
+        metrics.update(self.logits(x), y)
         self.test_samples[dataloader_idx] += y.shape[0]
         self.log_dict(
             {f"test/{protocol}/{name}@{resolution}": m for name, m in metrics.items()}, add_dataloader_idx=False
