@@ -507,7 +507,8 @@ def test_study_command_line(tmp_path: Path) -> None:
 
 STUDY_CONFIGS = sorted(p.name for p in CONFIGS.glob("study_*.yaml"))
 #: Study configs that list only what differs from a base study config, and that base.
-STUDY_BASES = {"study_progression.yaml": "study_fashion_mnist.yaml", "study_cifar100.yaml": "study_cifar10.yaml"}
+STUDY_BASES = {"study_progression.yaml": "study_fashion_mnist.yaml", "study_cifar100.yaml": "study_cifar10.yaml",
+               "study_fashion_mnist_long.yaml": "study_fashion_mnist.yaml"}
 
 
 def test_study_configs_exist() -> None:

@@ -187,7 +187,8 @@ def test_net_is_a_hyperparameter_only_as_a_config(data: Path, tmp_path: Path, re
                          num_heads=2)
     model = ImageClassifier(net, lr=3e-3, eval_resolutions=[28, 36])
     assert dict(model.hparams) == {"lr": 3e-3, "weight_decay": 0.05, "warmup_epochs": 5.0, "min_lr_ratio": 0.01,
-                                   "label_smoothing": 0.1, "mixup_alpha": 0.0, "cutmix_alpha": 0.0}
+                                   "label_smoothing": 0.1, "mixup_alpha": 0.0, "cutmix_alpha": 0.0,
+                                   "train_resolutions": None, "packing": False}
     assert dict(model.hparams_initial) == dict(model.hparams)
     assert not [w for w in recwarn if "nn.Module" in str(w.message)]
 
@@ -628,6 +629,7 @@ def test_run_folder_is_locked_while_in_use(data: Path, tmp_path: Path) -> None:
 FIT_CONFIG_STACKS = {
     "fashion_mnist.yaml": ["fashion_mnist.yaml"],
     "fashion_mnist_study_budget.yaml": ["fashion_mnist.yaml", "fashion_mnist_study_budget.yaml"],
+    "fashion_mnist_long_budget.yaml": ["fashion_mnist.yaml", "fashion_mnist_study_budget.yaml", "fashion_mnist_long_budget.yaml"],
     "cifar10.yaml": ["cifar10.yaml"],
     "cifar100.yaml": ["cifar10.yaml", "cifar100.yaml"],
     "imagenet100.yaml": ["imagenet100.yaml"],

@@ -99,10 +99,10 @@ def check_study_args(
                 f"{list(vit.POS_EMBED_CHOICES)}"
             )
     for name, args in (variant_model_args or {}).items():
-        if name not in variants or not isinstance(args, dict):
+        if (name not in variants and name not in variant_net_args) or not isinstance(args, dict):
             raise ValueError(
-                f"variant_model_args[{name!r}]={args!r} must be a dict of ImageClassifier arguments for one of "
-                f"variants={list(variants)}"
+                f"variant_model_args[{name!r}]={args!r} must be a dict of ImageClassifier arguments for a variant "
+                f"that is studied or defined in variant_net_args ({sorted({*variants, *variant_net_args})})"
             )
     for name, arg in [("fit_args", a) for a in fit_args] + [("test_args", a) for a in test_args]:
         option = str(arg).split("=", 1)[0]
