@@ -575,3 +575,18 @@ def test_context_parallel_without_positions_would_be_wrong():
     whole, _ = rope(q, q, (32,))
     second_half, _ = rope(q[:, :, 16:], q[:, :, 16:], (16,))  # local positions 0..15
     assert (second_half - whole[:, :, 16:]).abs().max() > 0.1
+
+
+def test_readme_context_parallel_example_is_the_rotation_of_the_whole_sequence():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL) if "load-balanced" in b)
+    namespace: dict = {}
+    exec(block, namespace)
+    rope, q, mine = namespace["rope"], namespace["q"], namespace["mine"]
+    whole = torch.zeros(1, 8, 4096, 64)
+    whole[:, :, mine] = q
+    expected, _ = rope(whole, whole, (4096,))
+    torch.testing.assert_close(namespace["q_rot"], expected[:, :, mine], atol=0, rtol=0)

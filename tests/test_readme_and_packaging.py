@@ -103,3 +103,10 @@ def test_readme_multimodal_example_is_the_real_output():
 
     shown = re.sub(r"#[^\n]*", "", match.group(2))
     assert eval(match.group(1)) == eval(shown)
+
+
+def test_license_file_matches_the_metadata():
+    metadata = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["license"]
+    assert "Apache-2.0" in str(metadata)
+    text = (ROOT / "LICENSE").read_text()
+    assert text.lstrip().startswith("Apache License") and "Version 2.0, January 2004" in text

@@ -7,8 +7,13 @@ collectives the rotation issued (none).
 
 from __future__ import annotations
 
+import os
+import re
 import socket
+import subprocess
+import sys
 import traceback
+from pathlib import Path
 
 import pytest
 import torch
@@ -168,3 +173,18 @@ def dtensor_checks() -> None:
 
 def test_dtensor_rotation_keeps_the_placement_without_communication():
     run_on_two_processes("dtensor_checks")
+
+
+@pytest.mark.slow
+def test_readme_dtensor_example_runs_under_torchrun(tmp_path):
+    """The README's DTensor block, as written, on 2 processes launched by torchrun (gloo)."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL) if "distribute_tensor" in b)
+    script = tmp_path / "dtensor_rope.py"
+    script.write_text(block)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(free_port()), str(script)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -611,7 +611,8 @@ def test_study_command_line(tmp_path: Path) -> None:
 
 STUDY_CONFIGS = sorted(p.name for p in CONFIGS.glob("study_*.yaml"))
 #: Study configs that list only what differs from a base study config, and that base.
-STUDY_BASES = {"study_progression.yaml": "study_fashion_mnist.yaml", "study_cifar100.yaml": "study_cifar10.yaml"}
+STUDY_BASES = {"study_progression.yaml": "study_fashion_mnist.yaml", "study_cifar100.yaml": "study_cifar10.yaml",
+               "study_fashion_mnist_long.yaml": "study_fashion_mnist.yaml"}
 
 
 def test_study_configs_exist() -> None:
@@ -673,3 +674,42 @@ def test_study_command_in_subprocesses(data: Path, tmp_path: Path) -> None:
     assert len(console.splitlines()) < 25, console
     run = tmp_path / "report" / "runs" / "learned-seed0"
     assert "GPU available" in (run / "fit.log").read_text() and "zoom" in (run / "test.log").read_text()
+
+
+def test_remedies_multi_resolution_training_and_the_entropy_scale(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`variant_model_args` trains a variant with its own module options (multi-resolution training), and
+    `attn_logit_scales` tests RoPE variants once per scale (a learned table once): each in its own folder,
+    each compared in the report with the same model without the remedy."""
+    runner = InProcessRunner()
+    monkeypatch.setattr(training.study, "_run", runner)
+    files = run_study(
+        fit_config=[str(FASHION)], variants=["learned", "rope_axial", "rope_axial_multires"], seeds=[0, 1],
+        eval_resolutions=[28, 36], eval_protocols=["zoom"], resolution_modes=["interpolate"],
+        variant_net_args={"rope_axial_multires": {"pos_embed": "rope_axial"}},
+        variant_model_args={"rope_axial_multires": {"train_resolutions": [20, 28, 36]}},
+        attn_logit_scales=["none", "log-length"], output_dir=str(tmp_path), fit_args=budget(data),
+    )
+    fits = [args for args in runner.calls if args[0] == "fit"]
+    assert sum("--model.train_resolutions=[20, 28, 36]" in args for args in fits) == 2  # the multires seeds only
+    tests = [args for args in runner.calls if args[0] == "test"]
+    assert sum("--model.attn_logit_scale" in args for args in tests) == 8  # 2 RoPE variants x 2 seeds x 2 scales
+    assert len(tests) == 2 + 8  # learned: one test per seed
+    run = tmp_path / "runs" / "rope_axial-seed0"
+    assert {p.name for p in run.iterdir() if p.name.startswith("test")} == {"test-interpolate",
+                                                                            "test-interpolate-log-length"}
+    results = json.loads(files["results.json"].read_text())
+    groups = {(d["label"], d["baseline"]) for d in results["paired_differences"]
+              if d["group"] == "the attention-entropy scale against none"}
+    assert groups == {("rope_axial (interpolate, log-length)", "rope_axial (interpolate, none)"),
+                      ("rope_axial_multires (interpolate, log-length)", "rope_axial_multires (interpolate, none)")}
+    extends = {(d["label"], d["baseline"]) for d in results["paired_differences"]
+               if d["group"] == "against the variant it extends"}
+    assert ("rope_axial_multires (interpolate, none)", "rope_axial (interpolate, none)") in extends
+    scaled = json.loads((run / "test-interpolate-log-length" / "eval.json").read_text())
+    plain = json.loads((run / "test-interpolate" / "eval.json").read_text())
+    assert scaled["results"][0] == plain["results"][0]  # the identity at the training size
+    with pytest.raises(ValueError, match=r"variant_model_args\['nope'\]"):
+        run_study(fit_config=[str(FASHION)], variants=["learned"], eval_resolutions=[28],
+                  variant_model_args={"nope": {}}, output_dir=str(tmp_path / "bad"), fit_args=budget(data))

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 import yaml
 from interruptions import CrashAtStep, SignalAtStep
@@ -146,6 +147,14 @@ def test_multi_resolution_eval_matches_manual_evaluation(
     assert interpolated["meta"]["resolution_mode"] == "interpolate"
     assert interpolated["results"][0] == report["results"][1]  # 28px, identical
     assert json.loads((tmp_path / "test" / "eval.json").read_text()) == report
+    # So does the attention-entropy scale: its own folder, the unscaled results untouched
+    cli_main(["test", "--config", str(tmp_path / "config.yaml"), f"--ckpt_path={ckpt}",
+              "--model.eval_resolutions=[28, 36]", "--model.eval_protocols=[zoom]",
+              "--model.resolution_mode=interpolate", "--model.attn_logit_scale=log-length"])
+    scaled = json.loads((tmp_path / "test-interpolate-log-length" / "eval.json").read_text())
+    assert scaled["meta"]["attn_logit_scale"] == "log-length"
+    assert scaled["results"][0] == report["results"][1]  # the identity at the training size
+    assert json.loads((tmp_path / "test-interpolate" / "eval.json").read_text()) == interpolated
 
 
 def test_fit_validates_on_the_hold_out_never_the_test_split(data: Path, tmp_path: Path) -> None:
@@ -180,7 +189,8 @@ def test_net_is_a_hyperparameter_only_as_a_config(data: Path, tmp_path: Path, re
                          num_heads=2)
     model = ImageClassifier(net, lr=3e-3, eval_resolutions=[28, 36])
     assert dict(model.hparams) == {"lr": 3e-3, "weight_decay": 0.05, "warmup_epochs": 5.0, "min_lr_ratio": 0.01,
-                                   "label_smoothing": 0.1, "mixup_alpha": 0.0, "cutmix_alpha": 0.0}
+                                   "label_smoothing": 0.1, "mixup_alpha": 0.0, "cutmix_alpha": 0.0,
+                                   "train_resolutions": None, "packing": False}
     assert dict(model.hparams_initial) == dict(model.hparams)
     assert not [w for w in recwarn if "nn.Module" in str(w.message)]
 
@@ -188,7 +198,23 @@ def test_net_is_a_hyperparameter_only_as_a_config(data: Path, tmp_path: Path, re
     saved = cli.model.hparams
     assert saved["net"]["class_path"] == "vit.NDRopeVisionTransformer"
     assert saved["net"]["init_args"]["pos_embed"] == "rope_axial" and saved["net"]["init_args"]["embed_dim"] == 32
-    assert not {"eval_resolutions", "eval_protocols", "resolution_mode", "compile"} & set(saved)
+    assert not {"eval_resolutions", "eval_protocols", "resolution_mode", "attn_logit_scale", "compile"} & set(saved)
+
+
+def test_attn_logit_scale_is_an_evaluation_switch_of_the_net(data: Path, tmp_path: Path) -> None:
+    """--model.attn_logit_scale reaches the net, never the checkpoint's hyperparameters; the net's own
+    setting from YAML (model.net.init_args.attn_logit_scale) stays unless the module's is given."""
+    cli = cli_main(fashion_args(data, tmp_path, "--model.attn_logit_scale=log-length"), run=False)
+    assert cli.model.net.attn_logit_scale == "log-length" and "attn_logit_scale" not in cli.model.hparams
+    cli = cli_main(fashion_args(data, tmp_path, "--model.net.init_args.attn_logit_scale=log-length"), run=False)
+    assert cli.model.net.attn_logit_scale == "log-length"
+    net = vit.NDRopeVisionTransformer("learned", img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=32,
+                                      depth=1, num_heads=2)  # fmt: skip
+    with pytest.raises(ValueError, match=r"attn_logit_scale='log_length' is not supported; choose one of \['none', 'log-length'\]"):
+        ImageClassifier(net, attn_logit_scale="log_length")
+    timm_net = timm.create_model("vit_tiny_patch16_224", img_size=28, patch_size=4, in_chans=1, num_classes=10)
+    with pytest.raises(TypeError, match="attn_logit_scale='log-length' needs a net with set_attn_logit_scale"):
+        ImageClassifier(timm_net, attn_logit_scale="log-length")
 
 
 def test_fit_output_has_lightnings_lines_without_its_advert_or_known_warnings(
@@ -307,6 +333,7 @@ def assert_same_training(a_dir: Path, b_dir: Path, epoch_and_step: tuple[int, in
 #: differently shows; batch 8: 7 steps per epoch.
 RANDOM_TRAINING = ["--data.batch_size=8", "--trainer.max_epochs=2", "--model.net.init_args.drop_path_rate=0.2",
                    "--model.mixup_alpha=0.8", "--model.cutmix_alpha=1.0", "--data.randaugment_magnitude=9",
+                   "--model.train_resolutions=[20, 28, 36]",  # multi-resolution training: drawn per batch
                    "--trainer.limit_val_batches=1", "--data.num_workers=0"]
 
 
@@ -737,6 +764,7 @@ class TestRunFolderLockFile:
 FIT_CONFIG_STACKS = {
     "fashion_mnist.yaml": ["fashion_mnist.yaml"],
     "fashion_mnist_study_budget.yaml": ["fashion_mnist.yaml", "fashion_mnist_study_budget.yaml"],
+    "fashion_mnist_long_budget.yaml": ["fashion_mnist.yaml", "fashion_mnist_study_budget.yaml", "fashion_mnist_long_budget.yaml"],
     "cifar10.yaml": ["cifar10.yaml"],
     "cifar100.yaml": ["cifar10.yaml", "cifar100.yaml"],
     "imagenet100.yaml": ["imagenet100.yaml"],
@@ -901,3 +929,55 @@ def test_fsdp2_on_two_processes_gives_the_losses_of_one(data: Path, tmp_path: Pa
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "fsdp2" / "test" / "eval.json").exists()
+
+
+# ----------------------------------------------------------------------------- multi-resolution training
+
+
+def test_multi_resolution_training_draws_a_size_per_batch(data: Path, tmp_path: Path) -> None:
+    """`--model.train_resolutions`: each training batch at one of the sizes, drawn by (seed, epoch, batch);
+    validation stays at the training size. Sizes off the patch grid are refused, naming the argument."""
+    cli = cli_main(fashion_args(data, tmp_path, "--model.train_resolutions=[20, 28, 36]", "--trainer.max_epochs=2",
+                                "--data.batch_size=8", "--trainer.limit_val_batches=1"), run=False)
+    seen: list[tuple[bool, int]] = []
+    cli.model.net.register_forward_pre_hook(lambda net, args: seen.append((net.training, args[0].shape[-1])))
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    steps = cli.trainer.num_training_batches
+    expected = [vit.draw_image_size([20, 28, 36], seed=0, epoch=epoch, batch_index=batch)
+                for epoch in range(2) for batch in range(steps)]
+    assert [size for training, size in seen if training] == expected
+    assert set(expected) == {20, 28, 36}  # every size is drawn in these 14 batches
+    assert {size for training, size in seen if not training} == {28}  # validation at img_size
+    with pytest.raises(ValueError, match=r"train_resolutions=\[30\]"):
+        cli_main(fashion_args(data, tmp_path / "bad", "--model.train_resolutions=[30]"), run=False)
+
+
+def test_packed_training_gives_each_image_its_own_size(data: Path, tmp_path: Path) -> None:
+    """`--model.packing true`: each training image at its own size (drawn per sample), one packed sequence per
+    batch (mixup before the resize); validation and test run packed and give the unpacked logits."""
+    args = fashion_args(data, tmp_path, "--model.packing=true", "--model.train_resolutions=[20, 28, 36]",
+                        "--model.mixup_alpha=0.8", "--data.batch_size=8", "--trainer.max_steps=3",
+                        "--trainer.limit_val_batches=1")
+    cli = cli_main(args, run=False)
+    packed_sizes: list[list[int]] = []
+    forward_packed = cli.model.net.forward_packed
+
+    def recording(images, **kwargs):
+        if cli.model.training:
+            packed_sizes.append([image.shape[-1] for image in images])
+        return forward_packed(images, **kwargs)
+
+    cli.model.net.forward_packed = recording
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    expected = [[vit.draw_image_size([20, 28, 36], seed=0, epoch=0, batch_index=8 * batch + i) for i in range(8)]
+                for batch in range(3)]
+    assert packed_sizes == expected and len({size for sizes in expected for size in sizes}) > 1
+    x = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        plain = ImageClassifier(cli.model.net, packing=False).eval().logits(x)
+        torch.testing.assert_close(cli.model.eval().logits(x), plain, atol=1e-5, rtol=1e-5)
+    cli_main(["test", "--config", str(tmp_path / "config.yaml"), "--ckpt_path=last", "--model.eval_resolutions=[28, 36]"])
+    assert (tmp_path / "test" / "eval.json").exists()
+    with pytest.raises(TypeError, match="packing=True needs a net with forward_packed"):
+        ImageClassifier(timm.create_model("vit_tiny_patch16_224", img_size=28, patch_size=4, in_chans=1, num_classes=10,
+                                          depth=1), packing=True)

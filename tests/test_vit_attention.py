@@ -1,6 +1,9 @@
-"""RopeAttention / RopeBlock: timm-compatible, fused == manual, rotation and bias applied as given."""
+"""RopeAttention / RopeBlock: timm-compatible, fused == manual, rotation, bias and logit scale applied as given;
+log_length_scale."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -9,7 +12,7 @@ from timm.models.vision_transformer import Block
 from torch.testing import assert_close
 
 import ndrope
-from vit import ROPE_LAYOUT, RopeAttention, RopeBlock
+from vit import ROPE_LAYOUT, RopeAttention, RopeBlock, log_length_scale
 
 param = pytest.mark.parametrize
 DIM, HEADS, TOKENS = 48, 3, 17  # D = 16, P = 8
@@ -104,6 +107,38 @@ class TestRopeAttention:
         assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
 
 
+    @param("fused", [True, False])
+    @param("per_query", [False, True])
+    def test_logit_scale_multiplies_the_scaled_logits_not_the_bias(self, fused, per_query):
+        """softmax(s * q k^T / sqrt(D) + bias) v, written out, for a number s or one s per query."""
+        module = attention()
+        module.fused_attn = fused
+        rope, bias = rotation(True), -torch.rand(HEADS, TOKENS, TOKENS, dtype=torch.float64)
+        scale = torch.linspace(0.5, 2.0, TOKENS, dtype=torch.float64)[:, None] if per_query else 1.7
+        q, k, v = module.project_qkv(tokens(), rope)
+        weights = (scale * (q @ k.transpose(-2, -1)) / math.sqrt(DIM // HEADS) + bias).softmax(-1)  # B, H, N, N
+        expected = module.proj((weights @ v).transpose(1, 2).reshape(2, TOKENS, DIM))
+        assert_close(module(tokens(), rope=rope, attn_mask=bias, logit_scale=scale), expected, atol=1e-12, rtol=1e-12)
+
+    def test_logit_scale_follows_the_dtype_of_q(self):
+        module = attention().float()
+        scale = torch.full((1, 1, TOKENS, 1), 1.5, dtype=torch.float64)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module(tokens().float(), logit_scale=scale)
+        assert out.dtype == torch.bfloat16
+
+
+class TestLogLengthScale:
+    def test_is_the_ratio_of_logarithms(self):
+        assert log_length_scale(50, 50) == 1.0
+        assert log_length_scale(82, 50) == pytest.approx(math.log(82) / math.log(50), rel=1e-15)
+        assert log_length_scale(82, 50) > 1 > log_length_scale(26, 50)  # sharper over more keys, softer over fewer
+
+    def test_a_one_token_reference_is_an_error(self):
+        with pytest.raises(ValueError, match="reference_tokens=1 must be >= 2"):
+            log_length_scale(10, 1)
+
+
 class TestRopeBlock:
     def test_without_positions_it_is_timm_block(self):
         torch.manual_seed(0)
@@ -115,12 +150,13 @@ class TestRopeBlock:
     def test_its_attention_is_rope_attention_by_default(self):
         assert isinstance(RopeBlock(DIM, HEADS).attn, RopeAttention)
 
-    def test_passes_rotation_and_bias_to_its_attention(self):
+    def test_passes_rotation_bias_and_logit_scale_to_its_attention(self):
         torch.manual_seed(0)
         block = RopeBlock(DIM, HEADS, attn_layer=RopeAttention).double().eval()
         rope, bias = rotation(True), -torch.rand(HEADS, TOKENS, TOKENS, dtype=torch.float64)
         x = tokens()
-        attn_out = block.attn(block.norm1(x), rope=rope, attn_mask=bias)
+        attn_out = block.attn(block.norm1(x), rope=rope, attn_mask=bias, logit_scale=1.3)
         expected = x + attn_out
         expected = expected + block.mlp(block.norm2(expected))
-        assert_close(block(x, rope=rope, attn_mask=bias), expected, atol=1e-12, rtol=1e-12)
+        assert_close(block(x, rope=rope, attn_mask=bias, logit_scale=1.3), expected, atol=1e-12, rtol=1e-12)
+        assert (block(x, rope=rope, attn_mask=bias) - expected).abs().max() > 1e-4

@@ -194,6 +194,112 @@ class TestResolutionMode:
         assert vit.applicable_resolution_modes(pos_embed, rope_recipe="dinov3") == ()
 
 
+class TestAttnLogitScale:
+    """attn_logit_scale="log-length": the logits of a sequence of n = k + N tokens times log(n) / log(n_train)."""
+
+    def test_identity_at_the_training_grid(self):
+        model = tiny("rope_mixed", attn_logit_scale="log-length")
+        assert_close(model(images(32, 32)), tiny("rope_mixed")(images(32, 32)), atol=0, rtol=0)
+
+    @param("size", [(48, 40), (24, 24)])
+    @param("pos_embed", ["rope_axial", "alibi", "learned"])
+    def test_is_a_factor_on_every_attention_softmax_temperature(self, pos_embed, size):
+        """Against an independent reference: the plain model whose matmul path scales q by D^-0.5 times
+        log(k + N) / log(k + N_train), prefix tokens counted (reg_tokens=1: k = 2)."""
+        model = tiny(pos_embed, reg_tokens=1, attn_logit_scale="log-length").double()
+        reference = tiny(pos_embed, reg_tokens=1).double()
+        n = 2 + (size[0] // 4) * (size[1] // 4)
+        factor = math.log(n) / math.log(2 + 64)
+        for block in reference.blocks:
+            block.attn.fused_attn = False
+            block.attn.scale = block.attn.scale * factor
+        x = images(*size, dtype=torch.float64)
+        assert_close(model(x), reference(x), atol=1e-12, rtol=1e-12)
+        assert (model(x) - tiny(pos_embed, reg_tokens=1).double()(x)).abs().max() > 1e-6
+
+    @param("pos_embed", POS_EMBED_CHOICES)
+    def test_every_pos_embed_takes_it(self, pos_embed):
+        """Attention thins out over more keys whatever encodes the positions: no pos_embed refuses it, and
+        every block gets the factor (nothing at the training grid)."""
+        model = tiny(pos_embed, attn_logit_scale="log-length")
+        seen = []
+        for block in model.blocks:
+            block.attn.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["logit_scale"]), with_kwargs=True)
+        model(images(48, 48))
+        model(images(32, 32))
+        assert seen == [pytest.approx(math.log(1 + 144) / math.log(1 + 64), rel=1e-12)] * 2 + [None] * 2
+
+    def test_constructor_argument_equals_setter(self):
+        built, switched = tiny("rope_axial", attn_logit_scale="log-length"), tiny("rope_axial")
+        assert switched.attn_logit_scale == "none"
+        switched.set_attn_logit_scale("log-length")
+        assert built.attn_logit_scale == switched.attn_logit_scale == "log-length"
+        assert_close(built(images(48, 48)), switched(images(48, 48)), atol=0, rtol=0)
+        with pytest.raises(AttributeError):
+            built.attn_logit_scale = "none"
+
+    def test_patch_dropout_counts_the_kept_tokens(self):
+        model = tiny("rope_axial", patch_drop_rate=0.5, attn_logit_scale="log-length").train()
+        seen = []
+        model.blocks[0].attn.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["logit_scale"]), with_kwargs=True)
+        model(images(32, 32))
+        assert seen == [pytest.approx(math.log(1 + 32) / math.log(1 + 64), rel=1e-12)]
+
+    def test_bad_values_name_the_argument(self):
+        with pytest.raises(ValueError, match=r"attn_logit_scale='log_length' is not supported; choose one of \['none', 'log-length'\]"):
+            tiny("rope_axial", attn_logit_scale="log_length")
+        with pytest.raises(ValueError, match="attn_logit_scale=True is not supported"):
+            tiny("learned").set_attn_logit_scale(True)
+        one_token = dict(TINY, img_size=4, class_token=False, global_pool="avg")
+        with pytest.raises(ValueError, match=r"attn_logit_scale='log-length' needs at least 2 tokens.*has 1"):
+            NDRopeVisionTransformer("rope_axial", attn_logit_scale="log-length", **one_token)
+
+
+class TestMultiResolutionTraining:
+    """A model trained at several grids: positions follow each grid, the configured img_size stays the reference."""
+
+    @param("pos_embed", ["learned", "rope_axial", "rope_mixed+learned", "sincos", "alibi"])
+    def test_steps_at_several_sizes_train_every_parameter(self, pos_embed):
+        model = tiny(pos_embed, rope_resolution_mode="interpolate" if "rope" in pos_embed else None).train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        table_shape = model.pos_embed.shape if model.pos_embed is not None else None
+        for step, size in enumerate((24, 40, 32, 48)):
+            optimizer.zero_grad()
+            loss = model(images(size, size, seed=step)).logsumexp(-1).mean()
+            loss.backward()
+            assert torch.isfinite(loss), (pos_embed, size)
+            for name, p in model.named_parameters():
+                assert p.grad is not None and p.grad.abs().max() > 0, f"{name} got no gradient at {size}px"
+            optimizer.step()
+        assert tuple(model.patch_embed.img_size) == (32, 32) and tuple(model.patch_embed.grid_size) == (8, 8)
+        if table_shape is not None:
+            assert model.pos_embed.shape == table_shape  # resampled per forward, never resized
+        if model.rope is not None:
+            assert model.rope.reference_shape == (8, 8)
+
+    @param("mode", ["interpolate", "ntk", "extrapolate"])
+    def test_training_positions_follow_the_grid_relative_to_img_size(self, mode):
+        """In training, a 10 x 10 grid gets the positions evaluation gives it: by the mode, relative to 8 x 8."""
+        model = tiny("rope_axial", rope_resolution_mode=mode).train()
+        trained = model.rotary_tables((10, 10))[0]
+        reference = (8, 8) if mode == "interpolate" else None
+        positions = ndrope.grid((10, 10), reference_shape=reference)
+        freqs = model.rope.frequencies((10, 10), mode=mode)
+        expected = ndrope.RotaryEmbedding.from_frequencies(freqs, layout=vit.ROPE_LAYOUT).rotation(positions, num_prefix_tokens=1)
+        assert_close(trained, expected, atol=1e-6, rtol=0)
+        assert_close(trained, model.eval().rotary_tables((10, 10))[0], atol=0, rtol=0)
+
+    def test_a_learned_table_is_resampled_to_each_training_grid(self):
+        model = tiny("learned").train()
+        tokens = {}
+        model.pos_drop.register_forward_hook(lambda m, args, out: tokens.update(x=args[0]))
+        x = images(40, 40)
+        model(x)
+        patches = model.patch_embed(x).flatten(1, 2)
+        table = vit.resample_pos_embed(model.pos_embed, (10, 10), (8, 8), num_prefix_tokens=1)
+        assert_close(tokens["x"][:, 1:], patches + table[:, 1:], atol=1e-6, rtol=1e-6)
+
+
 class TestRopeAugmentation:
     """rope_shift / rope_jitter / rope_rescale: DINOv3's coordinate augmentation, in training only."""
 
@@ -595,12 +701,13 @@ def test_compile_fullgraph_equals_eager(pos_embed):
         assert_close(grads[name], p.grad, atol=1e-5, rtol=1e-5, msg=name)
 
 
+@param("attn_logit_scale", vit.ATTN_LOGIT_SCALE_CHOICES)
 @param("pos_embed", [name for name in POS_EMBED_CHOICES if "rope" in name])
-def test_compile_with_dynamic_shapes_serves_every_resolution(pos_embed):
+def test_compile_with_dynamic_shapes_serves_every_resolution(pos_embed, attn_logit_scale):
     """torch.compile(fullgraph=True, dynamic=True) of every RoPE pos_embed, evaluated: no graph break, eager's
     outputs at three grids, and at most one recompilation after the first graph (the grid stays symbolic; a
-    square first input makes torch assume h == w once). A learned table resamples symbolically too when it
-    needs no gradient."""
+    square first input makes torch assume h == w once; the log-length scale is symbolic in the length too). A
+    learned table resamples symbolically too when it needs no gradient."""
     torch._dynamo.reset()
     graphs = []
 
@@ -608,7 +715,7 @@ def test_compile_with_dynamic_shapes_serves_every_resolution(pos_embed):
         graphs.append(graph)
         return graph.forward
 
-    model = tiny(pos_embed, depth=1)
+    model = tiny(pos_embed, depth=1, attn_logit_scale=attn_logit_scale)
     compiled = torch.compile(model, fullgraph=True, dynamic=True, backend=count_graphs)
     with torch.no_grad():
         for size in ((32, 32), (48, 40), (64, 56)):

@@ -11,7 +11,8 @@ A run folder (``--trainer.default_root_dir``, default runs/default) holds::
                                    SIGTERM / Ctrl-C and at the end (`training.checkpoint.LastCheckpoint`)
     checkpoints/fit_completed.json written when a fit ran to its end (`training.checkpoint.fit_completed`)
     test/eval.json, test/eval.csv  accuracy per (protocol, resolution) (+ test/metrics.csv);
-                                   test-<mode>/ when --model.resolution_mode is given
+                                   test-<mode>[-<scale>]/ when --model.resolution_mode or
+                                   --model.attn_logit_scale is given (`training.module.eval_folder`)
 
 Safety rules enforced here (a clear error instead of a silent wrong result): ``test`` / ``validate`` /
 ``predict`` need ``--ckpt_path`` (and ``last`` needs the run folder's last.ckpt); a checkpoint is read
@@ -50,7 +51,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .checkpoint import AtomicCheckpointIO, LastCheckpoint, RunFolderLock, check_folder, checkpoint_dir, read_checkpoint
 from .data import ImageDataModule
-from .module import ImageClassifier
+from .module import ImageClassifier, eval_folder
 
 
 class SaveFitConfig(SaveConfigCallback):
@@ -214,8 +215,8 @@ class ViTCLI(LightningCLI):
                     CSVLogger(root, name="csv"),
                 ]
             else:
-                mode = self.model.resolution_mode
-                kwargs["logger"] = CSVLogger(root, name="", version=self.subcommand + (f"-{mode}" if mode else ""))
+                version = eval_folder(self.subcommand, self.model.resolution_mode, self.model.attn_logit_scale)
+                kwargs["logger"] = CSVLogger(root, name="", version=version)
         # DDP workers (LOCAL_RANK > 0) are children of the locking process and share its folder.
         if not self.subcommand or os.environ.get("LOCAL_RANK", "0") != "0":
             trainer = super().instantiate_trainer(**kwargs)

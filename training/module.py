@@ -18,11 +18,26 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from ndrope.modules import ResolutionMode
+from vit import AttnLogitScale, check_image_sizes, draw_image_size
 
 from .data import check_protocols
 from .report import format_eval_table, write_eval_report
 from .schedule import warmup_cosine
 from .transforms import EvalProtocol
+
+
+def eval_folder(stage: str, resolution_mode: str | None = None, attn_logit_scale: str | None = None) -> str:
+    """The run folder's subfolder of one evaluation: ``test``, or ``test-interpolate``, ``test-log-length``,
+    ``test-interpolate-log-length`` when those evaluation options are given (``"none"`` scale: ``test``)."""
+    options = [resolution_mode, None if attn_logit_scale == "none" else attn_logit_scale]
+    return "-".join([stage, *(option for option in options if option)])
+
+
+def resize(images: Tensor, resolution: int) -> Tensor:
+    """Images (B, C, r, r) at ``resolution`` (bilinear, antialiased when shrinking); unchanged at their own size."""
+    if images.shape[-1] == resolution and images.shape[-2] == resolution:
+        return images
+    return nn.functional.interpolate(images, size=(resolution, resolution), mode="bilinear", antialias=True)
 
 
 def net_geometry(net: nn.Module) -> tuple[int, int]:
@@ -63,6 +78,14 @@ class ImageClassifier(LightningModule):
         min_lr_ratio: final learning rate as a fraction of ``lr``.
         label_smoothing: for the cross-entropy (and inside mixup targets).
         mixup_alpha, cutmix_alpha: timm Mixup/CutMix strengths; both 0 disables them.
+        train_resolutions: multi-resolution training (FlexiViT, ResFormer): each training batch is resized
+            to one of these resolutions (multiples of the patch size), drawn by (seed, epoch, batch): the
+            same on every rank and again after a resume. None trains at ``img_size`` only. Validation and
+            the RoPE reference grid stay at ``img_size``.
+        packing: NaFlex-style packed batches: each training image is resized to its own size (drawn from
+            ``train_resolutions`` by seed, epoch and sample) and a batch runs as one packed sequence
+            (``net.forward_packed``: per-image positions, a block-diagonal mask); validation and test batches
+            run packed too. Needs a net with ``forward_packed`` (`vit.NDRopeVisionTransformer`).
         compile: ``torch.compile(fullgraph=True, dynamic=True)`` the network (checkpoint keys are unchanged), in
             `configure_model` after any sharding: evaluation at every test resolution reuses one graph.
         eval_resolutions: test resolutions, each a multiple of the patch size; default the training one.
@@ -70,6 +93,8 @@ class ImageClassifier(LightningModule):
             (default ``["zoom"]``); results are keyed by (protocol, resolution).
         resolution_mode: passed to ``net.set_resolution_mode`` (how positions adapt to another grid);
             None keeps the model's default.
+        attn_logit_scale: passed to ``net.set_attn_logit_scale`` (``"log-length"``: attention logits
+            times log(n) / log(n_train) at other resolutions); None keeps the model's setting.
 
     Test results are written to ``<trainer.log_dir>/eval.json`` and ``eval.csv``.
     """
@@ -84,24 +109,33 @@ class ImageClassifier(LightningModule):
         label_smoothing: float = 0.1,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
+        train_resolutions: list[int] | None = None,
+        packing: bool = False,
         compile: bool = False,
         eval_resolutions: list[int] | None = None,
         eval_protocols: list[EvalProtocol] | None = None,
         resolution_mode: ResolutionMode | None = None,
+        attn_logit_scale: AttnLogitScale | None = None,
     ) -> None:
         super().__init__()
         # Evaluation and runtime switches stay out of the checkpoint, so a checkpoint's hyperparameters
         # describe what was trained. Under LightningCLI `net` is saved as its class_path/init_args config;
         # a net passed from Python is not a hyperparameter (its weights are in the state dict), so it is dropped.
-        runtime = ["eval_resolutions", "eval_protocols", "resolution_mode", "compile"]
+        runtime = ["eval_resolutions", "eval_protocols", "resolution_mode", "attn_logit_scale", "compile"]
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Attribute 'net' is an instance of `nn.Module`")
             self.save_hyperparameters(ignore=runtime)
         if isinstance(self.hparams.get("net"), nn.Module):
             self.save_hyperparameters(ignore=[*runtime, "net"])
-        self.resolution_mode = resolution_mode
+        self.resolution_mode, self.attn_logit_scale = resolution_mode, attn_logit_scale
         self.patch_size, self.train_resolution = net_geometry(net)
         self.eval_resolutions = list(eval_resolutions or [self.train_resolution])
+        if packing and not callable(getattr(net, "forward_packed", None)):
+            raise TypeError(f"packing=True needs a net with forward_packed (vit.NDRopeVisionTransformer), not {type(net).__name__}")
+        self.packing = packing
+        self.train_resolutions = None if train_resolutions is None else list(
+            check_image_sizes(train_resolutions, self.patch_size, name="train_resolutions")
+        )
         self.eval_protocols = check_protocols(eval_protocols)
         for name, sizes in (("img_size", [self.train_resolution]), ("eval_resolutions", self.eval_resolutions)):
             bad = [r for r in sizes if r < self.patch_size or r % self.patch_size]
@@ -116,6 +150,11 @@ class ImageClassifier(LightningModule):
         self.net = net
         if resolution_mode is not None:
             self.net.set_resolution_mode(resolution_mode)
+        if attn_logit_scale is not None:
+            if not hasattr(self.net, "set_attn_logit_scale"):
+                raise TypeError(f"attn_logit_scale={attn_logit_scale!r} needs a net with set_attn_logit_scale "
+                                f"(vit.NDRopeVisionTransformer), got {type(net).__name__}")  # fmt: skip
+            self.net.set_attn_logit_scale(attn_logit_scale)
         self.compile_net = compile
         self.mixup = None
         if mixup_alpha > 0 or cutmix_alpha > 0:
@@ -175,19 +214,37 @@ class ImageClassifier(LightningModule):
             np.random.seed(int(state[0]))
             torch.manual_seed(batch_seed)
 
+    def batch_resolution(self, batch_idx: int) -> int:
+        """The resolution of a training batch: ``img_size``, or one of ``train_resolutions`` drawn by (seed,
+        epoch, batch) (`vit.draw_image_size`): the same on every rank and again after a resume. With
+        ``packing``, ``batch_idx`` is the sample's index in the epoch: one size per image."""
+        if self.train_resolutions is None:
+            return self.train_resolution
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        return draw_image_size(self.train_resolutions, seed=seed, epoch=self.current_epoch, batch_index=batch_idx)
+
+    def logits(self, x: Tensor) -> Tensor:
+        """Images (B, C, r, r) -> logits, run packed with ``packing`` (the same numbers up to rounding)."""
+        return self.net.forward_packed(list(x)) if self.packing else self(x)
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         target = y
-        if self.mixup is not None:
+        if self.mixup is not None:  # on the augmented batch, before any resize
             x, target = self.mixup(x, y)
-        loss = self.criterion(self(x), target)
+        if self.packing:  # one size per image, one packed sequence
+            sizes = [self.batch_resolution(batch_idx * len(x) + i) for i in range(len(x))]
+            logits = self.net.forward_packed([resize(image[None], size)[0] for image, size in zip(x, sizes)])
+        else:  # the augmented batch, resized as a whole
+            logits = self(resize(x, self.batch_resolution(batch_idx)))
+        loss = self.criterion(logits, target)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the mean over data-parallel ranks
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
-        logits = self(x)
+        logits = self.logits(x)
         self.log("val/loss", nn.functional.cross_entropy(logits, y), sync_dist=True)
         self.val_metrics.update(logits, y)
 
@@ -207,7 +264,7 @@ class ImageClassifier(LightningModule):
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         x, y = batch
         (protocol, resolution), metrics = self.eval_keys[dataloader_idx], self.test_metrics[dataloader_idx]
-        metrics.update(self(x), y)
+        metrics.update(self.logits(x), y)
         self.test_samples[dataloader_idx] += y.shape[0]
         self.log_dict(
             {f"test/{protocol}/{name}@{resolution}": m for name, m in metrics.items()}, add_dataloader_idx=False
@@ -228,6 +285,7 @@ class ImageClassifier(LightningModule):
             "train_resolution": self.train_resolution,
             "patch_size": self.patch_size,
             "resolution_mode": self.resolution_mode,
+            "attn_logit_scale": self.attn_logit_scale,
             "test_samples": self.test_samples[0],
             "num_params": sum(p.numel() for p in self.net.parameters()),
         }

@@ -39,7 +39,7 @@ PROTOCOL_TEXT = {
 REPORT_FILES = ("results.json", "results.md", "accuracy_vs_resolution.png")
 LEGACY_CURRENT = ".report-current"  # the symlink of the earlier protocol; its version folders are .report-<hex>
 #: Evaluation options that split one trained variant into several report rows ("rope_axial (interpolate)").
-ROW_OPTIONS = ("resolution_mode",)
+ROW_OPTIONS = ("resolution_mode", "attn_logit_scale")
 VERDICT_RULE = (
     "a row is better (worse) than the row it is compared with, at one protocol and resolution, only when it "
     "is better (worse) in every seed and the mean of the per-seed differences is larger than their sample std; "
@@ -203,8 +203,9 @@ def comparisons(
     Every row of a variant other than ``baseline`` against the baseline's matching row (same evaluation
     options, or the baseline's only row); then every row of a variant in ``references`` (variant -> the
     variant it extends, `variant_references`) against the matching row of that variant. A row without a
-    matching row is left out. New kinds of comparison (a remedy against the same model without it) are new
-    groups here: the verdict, the tables and the plot take whatever this returns.
+    matching row is left out; then every row with an attention logit scale against the same variant's row
+    without it (``attn_logit_scale`` none). New kinds of comparison are new groups here: the verdict, the
+    tables and the plot take whatever this returns.
     """
     _, rows = _groups(runs)
     variants = {row["variant"] for row in rows.values()}
@@ -217,6 +218,11 @@ def comparisons(
             matched = _matching_row(rows, reference, row) if reference not in (None, row["variant"]) else None
             if matched is not None:
                 out.append(Comparison(label, matched, group))
+    for label, row in rows.items():  # an evaluation-time remedy against the same model without it
+        if row.get("attn_logit_scale") not in (None, "none"):
+            matched = _matching_row(rows, row["variant"], {**row, "attn_logit_scale": "none"})
+            if matched not in (None, label):
+                out.append(Comparison(label, matched, "the attention-entropy scale against none"))
     return out
 
 

@@ -56,11 +56,13 @@ from jsonargparse.typing import Path_fr
 
 import vit
 from ndrope.modules import ResolutionMode
+from vit import AttnLogitScale
 
 from .checkpoint import FIT_COMPLETED, RunFolderLock, check_folder, checkpoint_dir, fit_completed
 from .cli import PARENT_PID_ENV, cli_main, die_with, explain_parse_error
 from .data import check_protocols
 from .files import atomic_write
+from .module import eval_folder
 from .report import write_study_report
 from .transforms import EvalProtocol
 
@@ -81,9 +83,11 @@ def check_study_args(
     variant_net_args: dict[str, dict[str, Any]] | None = None,
     fit_args: Sequence[str] = (),
     test_args: Sequence[str] = (),
+    variant_model_args: dict[str, dict[str, Any]] | None = None,
 ) -> None:
     """ValueError naming the argument when a list is empty or repeats an entry, a variant is neither a
-    pos_embed nor defined in ``variant_net_args``, or ``fit_args`` / ``test_args`` set an option the study owns."""
+    pos_embed nor defined in ``variant_net_args``, ``variant_model_args`` names a variant that is not studied,
+    or ``fit_args`` / ``test_args`` set an option the study owns."""
     for name, values in (("variants", variants), ("seeds", seeds), ("eval_resolutions", eval_resolutions)):
         if not values or len(set(values)) != len(values):
             raise ValueError(f"{name}={list(values)} must be a non-empty list without repeats")
@@ -99,6 +103,12 @@ def check_study_args(
             raise ValueError(
                 f"variant_net_args[{name!r}]={args!r} must be a dict of net arguments with a pos_embed from "
                 f"{list(vit.POS_EMBED_CHOICES)}"
+            )
+    for name, args in (variant_model_args or {}).items():
+        if (name not in variants and name not in variant_net_args) or not isinstance(args, dict):
+            raise ValueError(
+                f"variant_model_args[{name!r}]={args!r} must be a dict of ImageClassifier arguments for a variant "
+                f"that is studied or defined in variant_net_args ({sorted({*variants, *variant_net_args})})"
             )
     for name, arg in [("fit_args", a) for a in fit_args] + [("test_args", a) for a in test_args]:
         option = str(arg).split("=", 1)[0]
@@ -122,6 +132,7 @@ def fit_command(
     run_dir: Path,
     fit_args: Sequence[str],
     variant_net_args: dict[str, dict[str, Any]] | None = None,
+    variant_model_args: dict[str, dict[str, Any]] | None = None,
 ) -> list[str]:
     """The ``train.py fit`` arguments of one run (without the interpreter and script)."""
     configs = [arg for path in fit_config for arg in ("--config", path)]
@@ -129,18 +140,27 @@ def fit_command(
         f"--model.net.init_args.{k}={v if isinstance(v, str) else json.dumps(v)}"
         for k, v in net_args(variant, variant_net_args).items()
     ]
+    model = [
+        f"--model.{k}={v if isinstance(v, str) else json.dumps(v)}"
+        for k, v in ((variant_model_args or {}).get(variant) or {}).items()
+    ]
     return [
-        "fit", *configs, *net,
+        "fit", *configs, *net, *model,
         "--seed_everything", str(seed), "--trainer.default_root_dir", os.fspath(run_dir), *fit_args,
     ]
 
 
 def test_command(
-    run_dir: Path, eval_resolutions: Sequence[int], eval_protocols: Sequence[str], mode: str | None
+    run_dir: Path,
+    eval_resolutions: Sequence[int],
+    eval_protocols: Sequence[str],
+    mode: str | None,
+    scale: str | None = None,
 ) -> list[str]:
-    """The ``train.py test`` arguments that evaluate a finished run's last.ckpt at every protocol x resolution.
+    """The ``train.py test`` arguments that evaluate a finished run's last.ckpt at every protocol x resolution,
+    in a resolution mode and with an attention logit scale when given.
 
-    Results land in ``<run_dir>/test/`` (the model's default resolution mode) or ``<run_dir>/test-<mode>/``.
+    Results land in ``<run_dir>/<training.module.eval_folder(...)>/``: ``test``, ``test-<mode>``, ...
     """
     args = [
         "test", "--config", os.fspath(run_dir / "config.yaml"),
@@ -148,7 +168,18 @@ def test_command(
         "--model.eval_resolutions", json.dumps(list(eval_resolutions)),
         "--model.eval_protocols", json.dumps(list(eval_protocols)),
     ]
-    return args + (["--model.resolution_mode", mode] if mode else [])
+    return args + (["--model.resolution_mode", mode] if mode else []) + (["--model.attn_logit_scale", scale] if scale else [])
+
+
+#: One test of a run: (resolution mode, attention logit scale), None for the model's default.
+TestRow = tuple[str | None, str | None]
+
+
+def rows_for(net: dict[str, Any], resolution_modes: Sequence[str] | None, scales: Sequence[str] | None) -> list[TestRow]:
+    """The tests of a variant: each resolution mode that applies (`modes_for`) x, for RoPE variants, each
+    attention logit scale of ``scales`` (the attention-entropy remedy of the study)."""
+    rope_scales = list(scales) if scales and "rope" in net["pos_embed"] else [None]
+    return [(mode, scale) for mode in modes_for(net, resolution_modes) for scale in rope_scales]
 
 
 def modes_for(net: dict[str, Any], resolution_modes: Sequence[str] | None) -> list[str | None]:
@@ -420,6 +451,8 @@ def run_study(
     resolution_modes: list[ResolutionMode] | None = None,
     eval_protocols: list[EvalProtocol] = ["zoom", "canvas"],  # noqa: B006
     variant_net_args: dict[str, dict[str, Any]] | None = None,
+    variant_model_args: dict[str, dict[str, Any]] | None = None,
+    attn_logit_scales: list[AttnLogitScale] | None = None,
     baseline: str | None = "learned",
     output_dir: str = "reports/study",
     jobs: int = 1,
@@ -443,6 +476,10 @@ def run_study(
             blank canvas), see `training.transforms.EvalProtocol`.
         variant_net_args: variants that are more than a pos_embed: name -> net arguments (``pos_embed``
             and e.g. ``rope_jitter``), passed as ``--model.net.init_args.<key>``.
+        variant_model_args: training options of a variant: name -> `ImageClassifier` arguments, e.g.
+            ``{"train_resolutions": [20, 24, 28, 32, 36]}`` (multi-resolution training), passed as ``--model.<key>``.
+        attn_logit_scales: test RoPE variants once per attention logit scale as well (``[none, log-length]``:
+            the attention-entropy remedy at other resolutions; rows "rope_axial (interpolate, log-length)").
         baseline: the row every other row is compared with, seed by seed (paired differences); None or a
             variant that is not studied skips the comparison.
         output_dir: report folder; runs go to ``<output_dir>/runs/<variant>-seed<seed>``.
@@ -457,7 +494,9 @@ def run_study(
     started = time.perf_counter()
     fit_args = [str(a) for a in fit_args]
     test_args = [str(a) for a in test_args]
-    check_study_args(variants, seeds, eval_resolutions, variant_net_args, fit_args, test_args)
+    check_study_args(variants, seeds, eval_resolutions, variant_net_args, fit_args, test_args, variant_model_args)
+    if attn_logit_scales is not None and len(set(attn_logit_scales)) != len(attn_logit_scales):
+        raise ValueError(f"attn_logit_scales={list(attn_logit_scales)} must not repeat a scale")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs={jobs!r} must be a positive int (runs at the same time)")
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
@@ -468,30 +507,31 @@ def run_study(
     output = check_folder(output_dir, "output_dir")
     lock = RunFolderLock(output, "study folder", "output_dir") if not dry_run else None
     try:
-        _preflight(configs, variants, seeds, eval_resolutions, eval_protocols, variant_net_args, fit_args, output)
+        _preflight(configs, variants, seeds, eval_resolutions, eval_protocols, variant_net_args, variant_model_args,
+                   fit_args, output)
         planned = []
         for variant in variants:
-            modes = modes_for(net_args(variant, variant_net_args), resolution_modes)
+            rows = rows_for(net_args(variant, variant_net_args), resolution_modes, attn_logit_scales)
             for seed in seeds:
                 run_dir = output / "runs" / f"{variant}-seed{seed}"
-                fit = fit_command(configs, variant, seed, run_dir, fit_args, variant_net_args)
-                planned.append((variant, seed, run_dir, fit, modes))
+                fit = fit_command(configs, variant, seed, run_dir, fit_args, variant_net_args, variant_model_args)
+                planned.append((variant, seed, run_dir, fit, rows))
                 if dry_run:
-                    tests = [test_command(run_dir, eval_resolutions, eval_protocols, mode) + test_args for mode in modes]
+                    tests = [test_command(run_dir, eval_resolutions, eval_protocols, *row) + test_args for row in rows]
                     for args in [fit, *tests]:
                         print(f"python {TRAIN_SCRIPT.name} {shlex.join(args)}")
         if dry_run:
             return None
 
-        progress = Progress([(variant, seed, len(modes)) for variant, seed, _, _, modes in planned], jobs)
-        tests = sum(len(modes) for *_, modes in planned)
+        progress = Progress([(variant, seed, len(rows)) for variant, seed, _, _, rows in planned], jobs)
+        tests = sum(len(rows) for *_, rows in planned)
         print(f"[study] {len(planned)} runs ({len(variants)} variants x {len(seeds)} seeds) and {tests} tests, "
               f"{jobs} at a time; each run's output goes to fit.log and test*.log in its folder, "
               f"{os.fspath(output / 'runs')}/<variant>-seed<seed>/", flush=True)
 
         def one(indexed_plan: tuple[int, tuple]) -> tuple[list[dict[str, Any]], float]:
-            index, (variant, seed, run_dir, fit, modes) = indexed_plan
-            return _train_and_test(variant, seed, run_dir, fit, modes, eval_resolutions, eval_protocols, test_args,
+            index, (variant, seed, run_dir, fit, rows) = indexed_plan
+            return _train_and_test(variant, seed, run_dir, fit, rows, eval_resolutions, eval_protocols, test_args,
                                    threads, progress, index)
 
         with _stop_runs_on_interrupt():
@@ -504,6 +544,8 @@ def run_study(
             "fit_args": list(fit_args),
             "variants": list(variants),
             "variant_net_args": {v: net_args(v, variant_net_args) for v in variants if v in (variant_net_args or {})},
+            "variant_model_args": dict(variant_model_args or {}),
+            "attn_logit_scales": list(attn_logit_scales) if attn_logit_scales else None,
             "seeds": list(seeds),
             "resolution_modes": list(resolution_modes) if resolution_modes else None,
             "eval_resolutions": list(eval_resolutions),
@@ -535,7 +577,7 @@ def _section(markdown: str, heading: str) -> str:
 
 def _preflight(configs: list[str], variants: Sequence[str], seeds: Sequence[int], eval_resolutions: Sequence[int],
                eval_protocols: Sequence[str], variant_net_args: dict[str, dict[str, Any]] | None,
-               fit_args: Sequence[str], output: Path) -> None:
+               variant_model_args: dict[str, dict[str, Any]] | None, fit_args: Sequence[str], output: Path) -> None:
     """Build each variant's model and data once in-process, so a bad option fails now, not after hours."""
     lightning = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
     levels = [logger.level for logger in lightning]
@@ -543,7 +585,8 @@ def _preflight(configs: list[str], variants: Sequence[str], seeds: Sequence[int]
         for logger in lightning:  # Lightning's info lines (seed, devices) for each variant: not news here
             logger.setLevel(logging.WARNING)
         for variant in variants:
-            args = fit_command(configs, variant, seeds[0], output / "preflight", fit_args, variant_net_args)[1:]
+            args = fit_command(configs, variant, seeds[0], output / "preflight", fit_args, variant_net_args,
+                               variant_model_args)[1:]
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
                 cli_main(
@@ -562,7 +605,7 @@ def _train_and_test(
     seed: int,
     run_dir: Path,
     fit: list[str],
-    modes: list[str | None],
+    rows: list[TestRow],
     eval_resolutions: Sequence[int],
     eval_protocols: Sequence[str],
     test_args: Sequence[str] = (),
@@ -570,13 +613,14 @@ def _train_and_test(
     progress: Progress | None = None,
     index: int = 0,
 ) -> tuple[list[dict[str, Any]], float]:
-    """One run: fit (resuming from last.ckpt if a previous attempt stopped), then one test per mode; each step's
-    output goes to ``<run_dir>/fit.log`` / ``test[-<mode>].log``, and its start and end to ``progress``.
+    """One run: fit (resuming from last.ckpt if a previous attempt stopped), then one test per row (mode, scale);
+    each step's output goes to ``<run_dir>/fit.log`` / ``test[-<mode>[-<scale>]].log``, and its start and end to
+    ``progress``.
 
-    Finished steps are reused. Returns one record per mode and the seconds spent here; ``fit_seconds`` is
+    Finished steps are reused. Returns one record per row and the seconds spent here; ``fit_seconds`` is
     the wall time of the fit command that finished the run (after a resume, of that part).
     """
-    progress = progress or Progress([(variant, seed, len(modes))], 1)
+    progress = progress or Progress([(variant, seed, len(rows))], 1)
     spent = 0.0
     started = run_dir / "run.json"
     if started.exists():
@@ -619,15 +663,15 @@ def _train_and_test(
             atomic_write(fit_record, json.dumps({"seconds": seconds, "args": fit, "resumed": True}, indent=2) + "\n")
         progress.done(index, "fit", None, "fit finished earlier, reused")
     records = []
-    for mode in modes:
-        name = "test" if mode is None else f"test-{mode}"
+    for mode, scale in rows:
+        name = eval_folder("test", mode, scale)
         eval_path = run_dir / name / "eval.json"
-        command = [*test_command(run_dir, eval_resolutions, eval_protocols, mode), *test_args]
+        command = [*test_command(run_dir, eval_resolutions, eval_protocols, mode, scale), *test_args]
         record = eval_path.parent / "study_test.json"  # the exact test command, so other test_args retest
         same_command = record.exists() and json.loads(record.read_text())["args"] == command
-        what = f"test {variant} seed {seed}" + (f" {mode}" if mode else "")
-        if not (same_command and _tested(eval_path, run_dir / "checkpoints" / "last.ckpt", mode, eval_resolutions,
-                                         eval_protocols)):
+        what = " ".join([f"test {variant} seed {seed}", *(option for option in (mode, scale) if option)])
+        if not (same_command and _tested(eval_path, run_dir / "checkpoints" / "last.ckpt", (mode, scale),
+                                         eval_resolutions, eval_protocols)):
             record.unlink(missing_ok=True)
             progress.start(index)
             seconds = _run(command, what, run_dir / f"{name}.log", threads=threads)
@@ -644,6 +688,7 @@ def _train_and_test(
                 "variant": variant,
                 "seed": seed,
                 "resolution_mode": mode,
+                "attn_logit_scale": scale,
                 "run_dir": os.fspath(run_dir),
                 "fit_seconds": json.loads(fit_record.read_text())["seconds"],
                 "num_params": report["meta"]["num_params"],
@@ -655,9 +700,11 @@ def _train_and_test(
     return records, spent
 
 
-def _tested(eval_path: Path, checkpoint: Path, mode: str | None, eval_resolutions: Sequence[int],
+def _tested(eval_path: Path, checkpoint: Path, row: TestRow, eval_resolutions: Sequence[int],
             eval_protocols: Sequence[str]) -> bool:
-    """Whether eval_path holds the test of this checkpoint, in this mode, at exactly these protocols x resolutions."""
+    """Whether eval_path holds the test of this checkpoint, in this row's mode and scale, at exactly these
+    protocols x resolutions."""
+    mode, scale = row
     if not eval_path.exists():
         return False
     report = json.loads(eval_path.read_text())
@@ -665,6 +712,7 @@ def _tested(eval_path: Path, checkpoint: Path, mode: str | None, eval_resolution
     return (
         Path(report["meta"]["checkpoint"]).resolve() == checkpoint.resolve()
         and report["meta"]["resolution_mode"] == mode
+        and report["meta"].get("attn_logit_scale") == scale
         and [[r.get("protocol", "zoom"), r["resolution"]] for r in report["results"]] == expected
     )
 

@@ -2,16 +2,17 @@
 
 `RopeAttention` has the parameters and state-dict keys of timm's `Attention` (plain timm ViT
 checkpoints load), and its forward also takes a rotation ``rope`` for q and k beside timm's
-``attn_mask`` and ``is_causal``. `NDRopeVisionTransformer` computes the rotation and the bias once
-per forward and passes them to every block, as timm's Eva does.
+``attn_mask`` and ``is_causal``. `NDRopeVisionTransformer` computes the rotation, the bias and the
+logit scale once per forward and passes them to every block, as timm's Eva does.
 
 Shape alphabet: B batch, H heads, N tokens (prefix + patches), D channels per head, P = D // 2 pairs.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,40 @@ from ndrope.functional import Rotation
 #: "half" pairs channel j with j + D/2 (GPT-NeoX, Llama in transformers); for models trained from
 #: scratch the choice is a fixed permutation of channels and does not change what can be learned.
 ROPE_LAYOUT: ndrope.Layout = "half"
+#: ``attn_logit_scale`` of `NDRopeVisionTransformer`: ``"none"``, or ``"log-length"``, the attention logits
+#: of a sequence of n tokens times ``log(n) / log(n_train)`` (`log_length_scale`).
+AttnLogitScale = Literal["none", "log-length"]
+#: Every accepted ``attn_logit_scale`` value.
+ATTN_LOGIT_SCALE_CHOICES: tuple[str, ...] = get_args(AttnLogitScale)
+
+
+def log_length_scale(num_tokens: int, reference_tokens: int) -> float:
+    """``log(num_tokens) / log(reference_tokens)``: the factor on the attention logits that keeps the
+    entropy of attention over ``num_tokens`` keys near its value over the ``reference_tokens`` keys of
+    training (1 at the reference; > 1 sharpens attention over a longer sequence, < 1 softens it over a
+    shorter one).
+
+    Su's log-n scaling of attention ("entropy invariance", https://kexue.fm/archives/8823), as in
+    Chiang & Cholak 2022 (https://arxiv.org/abs/2202.12172: logits times log n) and Scalable-Softmax
+    (Nakanishi 2025, https://arxiv.org/abs/2501.19399: q times s log n), and the idea behind YaRN's
+    attention factor (Peng et al. 2023, https://arxiv.org/abs/2309.00071). Divided by the training
+    value, as here, it is the identity at the training length and needs no retraining. n counts every key a query attends to,
+    prefix tokens (class, registers) included: the softmax normalises over all of them.
+    """
+    if reference_tokens < 2:
+        raise ValueError(f"reference_tokens={reference_tokens} must be >= 2: log(1) = 0 cannot be a reference length")
+    # log2, not log: torch.compile(dynamic=True) keeps it symbolic in the length instead of recompiling per length
+    return math.log2(num_tokens) / math.log2(reference_tokens)
+
+
+class BlockInputs(NamedTuple):
+    """What every block of a model takes, computed once per forward (by `NDRopeVisionTransformer`, or
+    packed by `vit.packing`); the blocks only apply it."""
+
+    tokens: Tensor  # B, N, C: k prefix tokens + patches (packed: rows of several images)
+    ropes: list[Rotation | None]  # the rotation of each block, (cos, sin) broadcastable to (B, H, N, P)
+    bias: Tensor | None  # additive logit bias broadcastable to (B, H, N, N): ALiBi, masks
+    logit_scale: float | Tensor | None  # factor on the logits: a number, or (B, 1, N, 1), one per query
 
 
 class RopeAttention(nn.Module):
@@ -89,7 +124,12 @@ class RopeAttention(nn.Module):
         return q, k, v
 
     def forward(
-        self, x: Tensor, rope: Rotation | None = None, attn_mask: Tensor | None = None, is_causal: bool = False
+        self,
+        x: Tensor,
+        rope: Rotation | None = None,
+        attn_mask: Tensor | None = None,
+        is_causal: bool = False,
+        logit_scale: float | Tensor | None = None,
     ) -> Tensor:
         """x (B, N, C) -> (B, N, C).
 
@@ -99,9 +139,14 @@ class RopeAttention(nn.Module):
                 (ALiBi, -inf for hidden keys; cast to the dtype of q, as SDPA requires), or bool
                 (True = may attend).
             is_causal: token i attends to tokens 0..i only (combined with ``attn_mask``).
+            logit_scale: a factor on the logits ``q k^T / sqrt(D)`` of every query (not on
+                ``attn_mask``), a number or a tensor broadcastable to (B, H, N, 1) (one per query);
+                applied to q after the rotation, so the fused and the matmul paths scale alike.
         """
         B, N, C = x.shape
         q, k, v = self.project_qkv(x, rope)
+        if logit_scale is not None:  # at the scale's precision (as a Python number would be), then q's dtype
+            q = (q * logit_scale).to(q.dtype)
         if attn_mask is not None and attn_mask.dtype == torch.bool:  # True = may attend
             attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attn_mask, float("-inf"))
         if attn_mask is not None:
@@ -131,9 +176,16 @@ class RopeBlock(Block):
         super().__init__(*args, attn_layer=attn_layer, **kwargs)
 
     def forward(
-        self, x: Tensor, rope: Rotation | None = None, attn_mask: Tensor | None = None, is_causal: bool = False
+        self,
+        x: Tensor,
+        rope: Rotation | None = None,
+        attn_mask: Tensor | None = None,
+        is_causal: bool = False,
+        logit_scale: float | Tensor | None = None,
     ) -> Tensor:
-        """x (B, N, C) -> (B, N, C); ``rope``, ``attn_mask`` and ``is_causal`` as in `RopeAttention.forward`."""
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), rope=rope, attn_mask=attn_mask, is_causal=is_causal)))
+        """x (B, N, C) -> (B, N, C); ``rope``, ``attn_mask``, ``is_causal`` and ``logit_scale`` as in
+        `RopeAttention.forward`."""
+        attn = self.attn(self.norm1(x), rope=rope, attn_mask=attn_mask, is_causal=is_causal, logit_scale=logit_scale)
+        x = x + self.drop_path1(self.ls1(attn))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x

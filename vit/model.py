@@ -3,9 +3,11 @@
 The subclass changes only where positions enter. Per forward it reads the patch grid from the
 patch embedding (timm's ``dynamic_img_size`` layout), then
   * adds an absolute table to the patch tokens (`_pos_embed`: learned, sincos, integer, binary),
-  * computes the RoPE tables (`rotary_tables`, planned in `vit.rope`) and the ALiBi bias
-    (`attention_bias`) once for that grid and hands them to every block, as timm's Eva does.
-    Attention layers only apply what they are given.
+  * computes the RoPE tables (`rotary_tables`, planned in `vit.rope`), the ALiBi bias
+    (`attention_bias`) and the logit scale (`logit_scale_for`, ``attn_logit_scale``) once for that
+    grid and hands them to every block, as timm's Eva does. Attention layers only apply what they are given.
+Images of several sizes run together as one packed batch, each at its own positions
+(`forward_packed`, `vit.packing`).
 Blocks, MLPs, heads, pooling, init and checkpoints are timm's: every other `VisionTransformer`
 keyword passes through to timm, and a plain timm ViT state dict loads into ``pos_embed="learned"``.
 
@@ -15,20 +17,22 @@ k prefix tokens (class + registers); spatial sizes are ``img_size`` / ``grid_sha
 
 from __future__ import annotations
 
-import inspect
+import math
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, NamedTuple, get_origin
+from typing import Any, Literal, NamedTuple
 
 import torch
 from timm.layers import PatchDropout, PatchDropoutWithIndices, trunc_normal_
 from timm.models import VisionTransformer, checkpoint
 from torch import Tensor, nn
 
-from ndrope._checks import check_choice, check_int, check_number, choices
+from ndrope._checks import check_choice, check_int, choices
 from ndrope.functional import Rotation
 from ndrope.modules import RESOLUTION_MODES, ResolutionMode
 
-from .attention import RopeAttention, RopeBlock
+from . import packing
+from ._checks import check_attn_mask, check_images, check_timm_keywords, per_axis, take_indices
+from .attention import AttnLogitScale, BlockInputs, RopeAttention, RopeBlock, log_length_scale
 from .patch_embed import PatchEmbed2d, PatchEmbedND
 from .pos_embed import BINARY_BITS, AlibiBias, FixedPosEmbed, IntegerNorm, resample_pos_embed
 from .rope import DEFAULT_RESOLUTION_MODE, RopeKind, VisionRecipe, create_rope, keep_tokens
@@ -57,8 +61,6 @@ PosEmbed = Literal[tuple(_ENCODINGS)]  # type: ignore[valid-type]
 POS_EMBED_CHOICES: tuple[str, ...] = choices(PosEmbed)
 #: ``pos_embed`` of the registered timm models when none is given.
 DEFAULT_POS_EMBED = "rope_mixed"
-# timm's own keyword annotations: its Literal choices are checked against timm, never a copy
-_TIMM_PARAMETERS = inspect.signature(VisionTransformer.__init__).parameters
 
 
 def applicable_resolution_modes(pos_embed: PosEmbed, rope_recipe: VisionRecipe | None = None) -> tuple[str, ...]:
@@ -67,44 +69,6 @@ def applicable_resolution_modes(pos_embed: PosEmbed, rope_recipe: VisionRecipe |
     (its coordinate law places every grid). Setting any other mode is an error."""
     rope = _ENCODINGS[check_choice("pos_embed", pos_embed, PosEmbed)].rope
     return RESOLUTION_MODES if rope and rope_recipe is None else ()
-
-
-def _per_axis(name: str, value: Any, ndim: int) -> tuple[int, ...]:
-    """An int (used for every axis) or one positive int per axis, as a tuple."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value,) * ndim
-    if not isinstance(value, (tuple, list)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        raise TypeError(f"{name}={value!r} must be an int or a tuple of ints, one per axis (ndim={ndim})")
-    if len(value) != ndim or min(value) < 1:
-        raise ValueError(f"{name}={tuple(value)} must have ndim={ndim} positive entries, one per axis")
-    return tuple(value)
-
-
-def _check_timm_keywords(kwargs: dict[str, Any]) -> None:
-    """The timm keywords timm itself checks only with a bare assert or not at all (torch's Dropout
-    already names a bad drop_rate, pos_drop_rate, proj_drop_rate or attn_drop_rate)."""
-    for name, value in kwargs.items():
-        annotation = _TIMM_PARAMETERS[name].annotation if name in _TIMM_PARAMETERS else None
-        if get_origin(annotation) is Literal:  # global_pool, weight_init
-            check_choice(name, value, annotation)
-    check_int("reg_tokens", kwargs.get("reg_tokens", 0), minimum=0)
-    if check_number("patch_drop_rate", kwargs.get("patch_drop_rate", 0.0), minimum=0.0, inclusive=True) >= 1.0:
-        raise ValueError(f"patch_drop_rate={kwargs['patch_drop_rate']!r} must be in [0, 1): the fraction of patches dropped")
-    if check_number("drop_path_rate", kwargs.get("drop_path_rate", 0.0), minimum=0.0, inclusive=True) > 1.0:
-        raise ValueError(f"drop_path_rate={kwargs['drop_path_rate']!r} must be a probability in [0, 1]")
-
-
-def _take_indices(depth: int, indices: int | Sequence[int] | None) -> list[int]:
-    """Block indices by timm's convention: None all, an int n the last n, else indices (negative from the end)."""
-    if indices is None or isinstance(indices, int):
-        last = depth if indices is None else indices
-        if not 0 < last <= depth:
-            raise ValueError(f"indices={indices} must take between 1 and depth={depth} last blocks")
-        return list(range(depth - last, depth))
-    taken = [i + depth if i < 0 else i for i in indices]
-    if not taken or not all(0 <= i < depth for i in taken):
-        raise ValueError(f"indices={list(indices)} must be block indices in [-{depth}, {depth})")
-    return taken
 
 
 class NDRopeVisionTransformer(VisionTransformer):
@@ -118,7 +82,9 @@ class NDRopeVisionTransformer(VisionTransformer):
     Input (B, C, *spatial) with ``len(spatial) == ndim``; every spatial size must be a multiple of
     the patch size (or build with ``dynamic_img_pad=True`` to zero-pad). Any grid works, not only the
     training one: RoPE, ALiBi and the fixed tables are computed for the actual grid, a learned table
-    is interpolated (as timm does with ``dynamic_img_size``).
+    is interpolated (as timm does with ``dynamic_img_size``); in training too, so a model can be
+    trained at several sizes (`vit.sizes`) with ``img_size`` as the reference grid. A list of images
+    of different sizes runs as one packed batch: `forward_packed` (every ``pos_embed``).
 
     Args:
         pos_embed: one of `POS_EMBED_CHOICES` (the README's table): ``"learned"`` timm's table;
@@ -136,6 +102,8 @@ class NDRopeVisionTransformer(VisionTransformer):
             DINOv3-style coordinate augmentation in training, see `vit.rope.create_rope`.
         rope_resolution_mode: RoPE coordinates at grids other than the training grid, see
             `set_resolution_mode`; default `DEFAULT_RESOLUTION_MODE` where `applicable_resolution_modes`.
+        attn_logit_scale: ``"none"`` or ``"log-length"`` (attention logits times log(n) / log(n_train)
+            at other sequence lengths), see `set_attn_logit_scale`.
         integer_norm, binary_bits: options of ``"integer"`` / ``"binary"``, see `FixedPosEmbed`.
         embed_layer: default `PatchEmbed2d` (timm's, checkpoint compatible) in 2D, `PatchEmbedND` otherwise.
         block_fn, attn_layer: `RopeBlock` / `RopeAttention` or subclasses (they take the per-forward
@@ -165,6 +133,7 @@ class NDRopeVisionTransformer(VisionTransformer):
         rope_shift: float = 0.0,
         rope_jitter: float = 1.0,
         rope_rescale: float = 1.0,
+        attn_logit_scale: AttnLogitScale = "none",
         integer_norm: IntegerNorm = "train",
         binary_bits: int = BINARY_BITS,
         embed_layer: Callable[..., nn.Module] | None = None,
@@ -174,7 +143,7 @@ class NDRopeVisionTransformer(VisionTransformer):
     ) -> None:
         encoding = _ENCODINGS[check_choice("pos_embed", pos_embed, PosEmbed)]
         check_int("ndim", ndim)  # 2 images, 3 video, 4 volumes over time, 1 sequences
-        img_size, patch_size = _per_axis("img_size", img_size, ndim), _per_axis("patch_size", patch_size, ndim)
+        img_size, patch_size = per_axis("img_size", img_size, ndim), per_axis("patch_size", patch_size, ndim)
         if any(size % patch for size, patch in zip(img_size, patch_size)):
             raise ValueError(f"img_size={img_size} must be a multiple of patch_size={patch_size} on every axis")
         for name, value in (("embed_dim", embed_dim), ("depth", depth), ("num_heads", num_heads)):
@@ -192,7 +161,7 @@ class NDRopeVisionTransformer(VisionTransformer):
                     f"{name}={layer!r} is not supported: it must be {base.__name__} or a subclass, "
                     "which take the per-forward position tables"
                 )
-        _check_timm_keywords(kwargs)
+        check_timm_keywords(kwargs)
         super().__init__(
             img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
             pos_embed="learn" if encoding.absolute == "learned" else "none", dynamic_img_size=True,
@@ -219,6 +188,8 @@ class NDRopeVisionTransformer(VisionTransformer):
         self._resolution_mode: ResolutionMode | None = None
         if rope_resolution_mode is not None or applicable_resolution_modes(pos_embed, rope_recipe):
             self.set_resolution_mode(DEFAULT_RESOLUTION_MODE if rope_resolution_mode is None else rope_resolution_mode)
+        self._attn_logit_scale: AttnLogitScale = "none"
+        self.set_attn_logit_scale(attn_logit_scale)
 
     def reset_parameters(self) -> None:
         """Meta-device init: this module's own tokens and learned table, drawn as timm's ``init_weights`` does."""
@@ -254,6 +225,37 @@ class NDRopeVisionTransformer(VisionTransformer):
         self._resolution_mode = check_choice("rope_resolution_mode", mode, ResolutionMode)
 
     @property
+    def attn_logit_scale(self) -> AttnLogitScale:
+        """How the attention logits follow the sequence length: ``"none"`` or ``"log-length"``."""
+        return self._attn_logit_scale
+
+    def set_attn_logit_scale(self, mode: AttnLogitScale) -> None:
+        """Scale the attention logits by the sequence length (an inference-time switch, as `set_resolution_mode`).
+
+        ``"none"``: logits as trained. ``"log-length"``: a sequence of n tokens (k prefix + N patches: the
+        keys every query attends to, after patch dropout) gets its logits times ``log(n) / log(n_train)``,
+        n_train = k + the patches of the training grid (``img_size``): the identity there, sharper attention
+        over a larger grid, softer over a smaller one (`vit.attention.log_length_scale`); a packed batch
+        scales each image by its own n. It applies to every ``pos_embed``: attention thins out over more
+        keys however positions are encoded. ALiBi's distance bias is added unscaled.
+        """
+        mode = check_choice("attn_logit_scale", mode, AttnLogitScale)
+        reference = self.num_prefix_tokens + math.prod(self.patch_embed.grid_size)
+        if mode == "log-length" and reference < 2:
+            raise ValueError(
+                f"attn_logit_scale='log-length' needs at least 2 tokens at the training size (log 1 = 0): this model "
+                f"has {reference} (img_size={tuple(self.patch_embed.img_size)}, {self.num_prefix_tokens} prefix tokens)"
+            )
+        self._attn_logit_scale = mode
+
+    def logit_scale_for(self, num_tokens: int) -> float | None:
+        """The factor on the attention logits of a sequence of ``num_tokens`` (k + N) tokens; None: identity."""
+        reference = self.num_prefix_tokens + math.prod(self.patch_embed.grid_size)
+        if self._attn_logit_scale == "none" or num_tokens == reference:
+            return None
+        return log_length_scale(num_tokens, reference)
+
+    @property
     def augments_positions(self) -> bool:
         """Whether this forward draws RoPE coordinate augmentation (training mode with it configured)."""
         return self.training and self.rope_plan is not None and self.rope_plan.augments
@@ -284,53 +286,6 @@ class NDRopeVisionTransformer(VisionTransformer):
             return None
         return self.alibi(tuple(grid_shape), num_prefix_tokens=self.num_prefix_tokens)
 
-    def _check_input(self, x: Tensor) -> None:
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x must be a torch.Tensor of shape (B, C, *spatial), got {type(x).__name__}")
-        shape, spatial, patch = tuple(x.shape), tuple(x.shape[2:]), tuple(self.patch_embed.patch_size)
-        if x.dim() != self.ndim + 2:
-            raise ValueError(
-                f"x has shape {shape} (rank {x.dim()}) but this model has ndim={self.ndim} spatial axes: "
-                f"expected rank {self.ndim + 2}, (B, C, *spatial)"
-            )
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f"x has {x.shape[1]} channels (shape {shape}) but in_chans={self.in_chans}")
-        if x.shape[0] == 0 or min(spatial) == 0:
-            what = "a batch of 0 samples; pass at least one" if x.shape[0] == 0 else f"spatial size {spatial} has an empty axis"
-            raise ValueError(f"x has shape {shape}: {what}")
-        weight = self.patch_embed.proj.weight
-        if not x.is_floating_point():
-            raise TypeError(f"x has dtype {x.dtype}; the model takes floating-point images (e.g. x.float() / 255 for uint8)")
-        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(
-                f"x has dtype {x.dtype} but the model's weights are {weight.dtype}: cast one to the other "
-                f"(x.to({weight.dtype}) or model.to({x.dtype})), or run under torch.autocast"
-            )
-        if not self.patch_embed.dynamic_img_pad and any(size % p for size, p in zip(spatial, patch)):
-            nearest = tuple(max(p, size // p * p) for size, p in zip(spatial, patch))
-            raise ValueError(
-                f"input size {spatial} is not a multiple of patch_size={patch}: use e.g. {nearest}, "
-                f"or build the model with dynamic_img_pad=True to zero-pad"
-            )
-
-    def _check_attn_mask(self, attn_mask: Tensor, batch: int, tokens: int) -> None:
-        expected = (batch, self.num_heads, tokens, tokens)
-        if not isinstance(attn_mask, Tensor):
-            raise TypeError(f"attn_mask must be a Tensor broadcastable to (B, H, k + N, k + N) = {expected}")
-        if attn_mask.device != self.patch_embed.proj.weight.device:
-            raise ValueError(f"attn_mask is on {attn_mask.device} but the model is on {self.patch_embed.proj.weight.device}")
-        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
-            raise TypeError(f"attn_mask has dtype {attn_mask.dtype}; use bool (True = may attend) or an additive float bias")
-        try:
-            fits = attn_mask.dim() <= 4 and torch.broadcast_shapes(attn_mask.shape, expected) == expected
-        except RuntimeError:
-            fits = False
-        if not fits:
-            raise ValueError(
-                f"attn_mask has shape {tuple(attn_mask.shape)} but must broadcast to (B, H, k + N, k + N) = {expected} "
-                f"({self.num_prefix_tokens} prefix tokens + the patches of this input)"
-            )
-
     def _pos_embed(self, x: Tensor) -> Tensor:
         """Patch tokens (B, *grid_shape, C) -> (B, k + N, C): absolute table added, prefix tokens prepended."""
         B, *grid_shape, C = x.shape
@@ -352,21 +307,19 @@ class NDRopeVisionTransformer(VisionTransformer):
             x = x + table
         return self.pos_drop(x)
 
-    def _embed(
-        self, x: Tensor, attn_mask: Tensor | None
-    ) -> tuple[Tensor, tuple[int, ...], list[Rotation | None], Tensor | None]:
-        """Input (B, C, *spatial) -> tokens (B, k + N, C), grid_shape, the rotation of each block, the logit bias.
+    def _embed(self, x: Tensor, attn_mask: Tensor | None) -> tuple[BlockInputs, tuple[int, ...]]:
+        """Input (B, C, *spatial) -> what the blocks take (tokens (B, k + N, C), ...), and grid_shape.
 
         After patch dropout the tokens are (B, k + M, C), the rotations (B, 1 or H, k + M, P) and the
         bias (B, H or 1, k + M, k + M): kept tokens keep their own positions.
         """
-        self._check_input(x)
+        check_images(self, x)
         x = self.patch_embed(x)  # B, *grid_shape, C
         grid_shape = tuple(x.shape[1:-1])
         x = self._pos_embed(x)
         bias = self.attention_bias(grid_shape)
         if attn_mask is not None:
-            self._check_attn_mask(attn_mask, x.shape[0], x.shape[1])
+            check_attn_mask(self, attn_mask, x.shape[0], x.shape[1])
             if attn_mask.dtype == torch.bool:  # SDPA convention: True = may attend
                 attn_mask = torch.zeros(attn_mask.shape, device=x.device).masked_fill(~attn_mask, float("-inf"))
             bias = attn_mask if bias is None else bias + attn_mask
@@ -380,12 +333,21 @@ class NDRopeVisionTransformer(VisionTransformer):
                     bias = bias.reshape((1,) * (4 - bias.dim()) + bias.shape).expand(B, -1, tokens, tokens)
                     bias = keep_tokens(bias, keep, has_batch=True).transpose(-1, -2)
                     bias = keep_tokens(bias, keep, has_batch=True).transpose(-1, -2)
-        return self.norm_pre(x), grid_shape, self.rotary_tables(grid_shape, keep), bias
+        scale = self.logit_scale_for(x.shape[1])
+        return BlockInputs(self.norm_pre(x), self.rotary_tables(grid_shape, keep), bias, scale), grid_shape
 
-    def _run_block(self, block: nn.Module, x: Tensor, rope: Rotation | None, bias: Tensor | None) -> Tensor:
+    def _run_block(self, block: nn.Module, x: Tensor, rope: Rotation | None, inputs: BlockInputs) -> Tensor:
+        kwargs = dict(rope=rope, attn_mask=inputs.bias, logit_scale=inputs.logit_scale)
         if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, x, rope=rope, attn_mask=bias)
-        return block(x, rope=rope, attn_mask=bias)
+            return checkpoint(block, x, **kwargs)
+        return block(x, **kwargs)
+
+    def _forward_blocks(self, inputs: BlockInputs) -> Tensor:
+        """Every block, then the final norm: tokens (B, N, C) -> (B, N, C)."""
+        x = inputs.tokens
+        for block, rope in zip(self.blocks, inputs.ropes):
+            x = self._run_block(block, x, rope, inputs)
+        return self.norm(x)
 
     def forward_features(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
         """x (B, C, *spatial) -> normalised tokens (B, k + N, C).
@@ -393,14 +355,22 @@ class NDRopeVisionTransformer(VisionTransformer):
         ``attn_mask``: optional mask broadcastable to (B, H, k + N, k + N), boolean (True = may
         attend, as in SDPA) or additive float; combined with the model's own bias.
         """
-        x, _, ropes, bias = self._embed(x, attn_mask)
-        for block, rope in zip(self.blocks, ropes):
-            x = self._run_block(block, x, rope, bias)
-        return self.norm(x)
+        return self._forward_blocks(self._embed(x, attn_mask)[0])
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
         """x (B, C, *spatial) -> logits (B, num_classes) (pooled features when num_classes=0)."""
         return self.forward_head(self.forward_features(x, attn_mask=attn_mask))
+
+    def forward_features_packed(self, images: Sequence[Tensor], *, max_tokens: int | None = None) -> list[Tensor]:
+        """Images of different sizes, each (C, *spatial), run packed (`vit.packing`): rows of at most
+        ``max_tokens`` tokens (default: the longest image's), a block-diagonal mask, each image at its own
+        positions. Returns each image's normalised tokens (k + N_i, C), as ``forward_features(image[None])[0]``."""
+        return packing.forward_features_packed(self, images, max_tokens=max_tokens)
+
+    def forward_packed(self, images: Sequence[Tensor], *, max_tokens: int | None = None) -> Tensor:
+        """Images of different sizes, each (C, *spatial), run packed (see `forward_features_packed`) and
+        pooled per image: logits (num_images, num_classes), row i as ``forward(images[i][None])[0]``."""
+        return packing.forward_packed(self, images, max_tokens=max_tokens)
 
     def forward_intermediates(
         self,
@@ -429,12 +399,12 @@ class NDRopeVisionTransformer(VisionTransformer):
         """
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt={output_fmt!r} is not supported; choose 'NCHW' or 'NLC'")
-        take = _take_indices(len(self.blocks), indices)
-        x, grid_shape, ropes, bias = self._embed(x, attn_mask)
+        take = take_indices(len(self.blocks), indices)
+        inputs, grid_shape = self._embed(x, attn_mask)
         blocks = self.blocks[: max(take) + 1] if stop_early else self.blocks
-        intermediates = []
-        for i, (block, rope) in enumerate(zip(blocks, ropes)):
-            x = self._run_block(block, x, rope, bias)
+        intermediates, x = [], inputs.tokens
+        for i, (block, rope) in enumerate(zip(blocks, inputs.ropes)):
+            x = self._run_block(block, x, rope, inputs)
             if i in take:
                 intermediates.append(self.norm(x) if norm else x)
         k = self.num_prefix_tokens
