@@ -110,3 +110,28 @@ def test_license_file_matches_the_metadata():
     assert "Apache-2.0" in str(metadata)
     text = (ROOT / "LICENSE").read_text()
     assert text.lstrip().startswith("Apache License") and "Version 2.0, January 2004" in text
+
+
+def github_anchor(heading: str) -> str:
+    """The fragment GitHub gives a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_readme_links_to_its_own_sections_resolve():
+    """The table of contents and every other `](#...)` link name a heading that exists."""
+    text = (ROOT / "README.md").read_text()
+    outside_code = re.sub(r"```.*?```", "", text, flags=re.DOTALL)
+    anchors = {github_anchor(h) for h in re.findall(r"^#+ (.+)$", outside_code, flags=re.MULTILINE)}
+    links = re.findall(r"\]\(#([^)]+)\)", outside_code)
+    assert len(links) >= 10, links  # the table of contents at least
+    assert sorted(set(links) - anchors) == []
+
+
+def test_readme_test_command_is_what_ci_runs():
+    """The quick start's test command is the last line of `.ci/run`, the command CI runs."""
+    text = (ROOT / "README.md").read_text()
+    quick_start = text[text.index("## Quick start"):text.index("### Installing")]
+    commands = re.findall(r"```bash\n(.*?)\n```", quick_start, flags=re.DOTALL)
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert ci.replace("python -m pip", "pip") == commands[-1]
+    assert commands[0].endswith("python -m training.study --config configs/study_fashion_mnist.yaml")
