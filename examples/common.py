@@ -54,6 +54,18 @@ def add_run_arguments(parser: argparse.ArgumentParser, name: str, *, seeds: Sequ
     parser.add_argument("--out", default=f"reports/{name}", help="report folder")
 
 
+def add_model_arguments(parser: argparse.ArgumentParser, *, dim: int, depth: int, heads: int, steps: int, batch: int,
+                        item: str, compared: str, lr: float = 2e-3) -> None:
+    """The model and training options every example has: ``--dim``, ``--depth``, ``--heads``, ``--steps``,
+    ``--batch`` (``item``: what a batch holds) and ``--lr``; ``compared``: what the example compares."""
+    parser.add_argument("--dim", type=int, default=dim, help="model width")
+    parser.add_argument("--depth", type=int, default=depth, help="transformer blocks")
+    parser.add_argument("--heads", type=int, default=heads, help="attention heads")
+    parser.add_argument("--steps", type=int, default=steps, help=f"training steps per {compared} and seed")
+    parser.add_argument("--batch", type=int, default=batch, help=f"{item} per training step")
+    parser.add_argument("--lr", type=float, default=lr, help="peak learning rate (AdamW, warmup + cosine)")
+
+
 def setup_torch(threads: int) -> None:
     """Use ``threads`` CPU threads (the examples are sized for 2 cores)."""
     if threads < 1:

@@ -42,6 +42,7 @@ import ndrope
 from .common import (
     FASHION_CLASSES,
     FASHION_MNIST_ROOT,
+    add_model_arguments,
     add_run_arguments,
     command_line,
     example_parser,
@@ -161,13 +162,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = example_parser("multimodal", __doc__)
     parser.add_argument("--data-root", default=str(FASHION_MNIST_ROOT), help="folder with Fashion-MNIST gzip IDX files")
     parser.add_argument("--eval-questions", type=int, default=2000, help="questions about test-image mosaics")
-    parser.add_argument("--dim", type=int, default=96, help="model width")
-    parser.add_argument("--depth", type=int, default=3, help="transformer blocks")
-    parser.add_argument("--heads", type=int, default=4, help="attention heads")
     parser.add_argument("--theta", type=float, default=100.0, help="RoPE base (both schemes)")
-    parser.add_argument("--steps", type=int, default=1500, help="training steps per scheme and seed")
-    parser.add_argument("--batch", type=int, default=32, help="questions per training step")
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, warmup + cosine)")
+    add_model_arguments(parser, dim=96, depth=3, heads=4, steps=1500, batch=32,
+                        item="questions", compared="scheme")
     parser.add_argument("--positions", nargs="+", default=list(POSITIONS), choices=POSITIONS,
                         help="position schemes to train")
     add_run_arguments(parser, "multimodal", seeds=(0, 1))

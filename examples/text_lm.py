@@ -47,7 +47,16 @@ import ndrope
 from ndrope import recipes
 from vit import AlibiBias, sincos_embed
 
-from .common import add_run_arguments, command_line, example_parser, rope_blocks, setup_torch, train, write_report
+from .common import (
+    add_model_arguments,
+    add_run_arguments,
+    command_line,
+    example_parser,
+    rope_blocks,
+    setup_torch,
+    train,
+    write_report,
+)
 
 Encoding = Literal["nope", "learned", "sinusoidal", "alibi", "rope", "p-rope"]
 #: Every position encoding the example trains, in table order.
@@ -220,14 +229,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--eval-every", type=int, default=10, help="hold out every k-th file for evaluation")
     parser.add_argument("--eval-bytes", type=int, default=32768, help="held-out bytes evaluated at every length")
     parser.add_argument("--context", type=int, default=128, help="training context (tokens = bytes)")
-    parser.add_argument("--dim", type=int, default=128, help="model width")
-    parser.add_argument("--depth", type=int, default=2, help="transformer blocks")
-    parser.add_argument("--heads", type=int, default=4, help="attention heads")
     parser.add_argument("--theta", type=float, default=10000.0, help="RoPE base")
     parser.add_argument("--p", type=float, default=0.75, help="p-RoPE: fraction of frequencies that rotate")
-    parser.add_argument("--steps", type=int, default=400, help="training steps per encoding and seed")
-    parser.add_argument("--batch", type=int, default=16, help="windows per training step")
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, warmup + cosine)")
+    add_model_arguments(parser, dim=128, depth=2, heads=4, steps=400, batch=16,
+                        item="windows", compared="encoding")
     parser.add_argument("--encodings", nargs="+", default=list(ENCODINGS), choices=ENCODINGS,
                         help="position encodings to train")
     add_run_arguments(parser, "text_lm")

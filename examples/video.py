@@ -42,6 +42,7 @@ import vit
 
 from .common import (
     FASHION_MNIST_ROOT,
+    add_model_arguments,
     add_run_arguments,
     command_line,
     example_parser,
@@ -134,12 +135,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--eval-frames", type=int, nargs="+", default=[16, 32], help="longer clips to evaluate")
     parser.add_argument("--eval-sizes", type=int, nargs="+", default=[36], help="larger frames to evaluate")
     parser.add_argument("--eval-clips", type=int, default=512, help="test clips per evaluation column")
-    parser.add_argument("--dim", type=int, default=96, help="model width")
-    parser.add_argument("--depth", type=int, default=3, help="transformer blocks")
-    parser.add_argument("--heads", type=int, default=4, help="attention heads")
-    parser.add_argument("--steps", type=int, default=600, help="training steps per encoding and seed")
-    parser.add_argument("--batch", type=int, default=32, help="clips per training step")
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, warmup + cosine)")
+    add_model_arguments(parser, dim=96, depth=3, heads=4, steps=600, batch=32,
+                        item="clips", compared="encoding")
     parser.add_argument("--pos-embeds", nargs="+", default=list(POS_EMBEDS), choices=POS_EMBEDS,
                         help="position encodings to train")
     add_run_arguments(parser, "video")
