@@ -54,32 +54,29 @@ def _x_placements(x_rank: int) -> list[Any]:
     return [Replicate(), *(Shard(dim) for dim in range(x_rank - 1)), Partial()]
 
 
-def _rotate_rule(x: Any, cos: Any, sin: Any, interleaved: bool, inverse: bool) -> list[tuple[list, list]]:
+def _forward_placements(x_rank: int, table_shape: tuple[int, ...]) -> list[tuple[Any, Any]]:
+    """(x's placement, the tables' placement) for every x placement the forward rotation serves: the tables
+    follow a shard of x (`_table_placement`) and are replicated for a partial x (the rotation is linear in x)."""
     from torch.distributed.tensor import Replicate
 
+    return [(placement, Replicate() if placement.is_partial() else _table_placement(placement, x_rank, table_shape))
+            for placement in _x_placements(x_rank)]
+
+
+def _rotate_rule(x: Any, cos: Any, sin: Any, interleaved: bool, inverse: bool) -> list[tuple[list, list]]:
     _check_x("x", x)
-    rank, table_shape = len(x.shape), tuple(cos.shape)
-    rules = []
-    for placement in _x_placements(rank):
-        table = Replicate() if placement.is_partial() else _table_placement(placement, rank, table_shape)
-        rules.append(([placement], [placement, table, table, None, None]))
-    return rules
+    return [([placement], [placement, table, table, None, None])
+            for placement, table in _forward_placements(len(x.shape), tuple(cos.shape))]
 
 
 def _rotate_pair_rule(
     q: Any, k: Any, cos: Any, sin: Any, interleaved: bool, inverse: bool
 ) -> list[tuple[list, list]]:
     """q and k placed alike (sharded on the same row dim, e.g. heads), each as `_rotate_rule` places x."""
-    from torch.distributed.tensor import Replicate
-
     _check_x("q", q)
     _check_x("k", k)
-    rank, table_shape = len(q.shape), tuple(cos.shape)
-    rules = []
-    for placement in _x_placements(rank):
-        table = Replicate() if placement.is_partial() else _table_placement(placement, rank, table_shape)
-        rules.append(([placement, placement], [placement, placement, table, table, None, None]))
-    return rules
+    return [([placement, placement], [placement, placement, table, table, None, None])
+            for placement, table in _forward_placements(len(q.shape), tuple(cos.shape))]
 
 
 def _rotate_backward_rule(
