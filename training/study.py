@@ -63,7 +63,7 @@ from .cli import PARENT_PID_ENV, cli_main, die_with, explain_parse_error
 from .data import check_protocols
 from .files import atomic_write
 from .module import eval_folder
-from .report import write_study_report
+from .report import verdict_markdown, write_study_report
 from .transforms import EvalProtocol
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
@@ -325,7 +325,6 @@ class Progress:
         self._fit_left = [True] * len(runs)
         self._tests_left = [tests for _, _, tests in runs]
         self._step_started: dict[int, float] = {}  # run index -> when its current step started (running runs)
-        self._done = [False] * len(runs)
         self.fit_seconds: list[float] = []
         self.test_seconds: list[float] = []
 
@@ -355,14 +354,13 @@ class Progress:
                 if seconds is not None:
                     self.test_seconds.append(seconds)
             self._step_started.pop(index, None)
-            self._done[index] = not self._fit_left[index] and self._tests_left[index] <= 0
             eta = self.eta_text()
         self.say(index, f"{text}; {eta}" if eta else text)
 
     def eta_text(self) -> str:
         """``"ETA 14 min"``, ``"ETA under 1 min"``, ``"ETA after the first fit"``, ``"ETA over 9 min (tests not timed
         yet)"``, ``"ETA after the first test"``, or ``"all runs done"``. Call with the lock held."""
-        open_runs = [i for i, done in enumerate(self._done) if not done]
+        open_runs = [i for i in range(len(self.runs)) if self._fit_left[i] or self._tests_left[i] > 0]
         if not open_runs:
             return "all runs done"
         if any(self._fit_left[i] for i in open_runs) and not self.fit_seconds:
@@ -561,18 +559,10 @@ def run_study(
     finally:
         if lock is not None:
             lock.release()
-    print("\n" + _section(files["results.md"].read_text(), "## Verdict"))
+    published = json.loads(files["results.json"].read_text())
+    print("\n" + verdict_markdown(published["paired_differences"], published["settings"]["train_resolution"]))
     print(f"[study] report: {', '.join(os.fspath(p) for p in files.values())}", flush=True)
     return files
-
-
-def _section(markdown: str, heading: str) -> str:
-    """The section of ``markdown`` under ``heading`` (up to the next heading of its level), or all of it."""
-    _, found, rest = markdown.partition(heading + "\n")
-    if not found:
-        return markdown
-    level = heading.split(" ")[0]
-    return (heading + "\n" + rest.split(f"\n{level} ")[0]).strip() + "\n"
 
 
 def _preflight(configs: list[str], variants: Sequence[str], seeds: Sequence[int], eval_resolutions: Sequence[int],
